@@ -1,0 +1,195 @@
+"""Checkpoint folders: `model.safetensors` + `config.json` (config, format version, metadata).
+
+Nothing is pickled. Files are written to a temporary name and moved into place, so a crash leaves
+either the old file or the new one, never half of one; `config.json` is written last and records the
+SHA-256 of the weights, so a folder whose two files do not belong together is refused on load.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import from_dict, to_dict
+from .errors import CheckpointError, ConfigError
+
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str | Path, data: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors file written atomically; tensors are made contiguous CPU copies first."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces `path` whole, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model_files(folder: str | Path, *, kind: str, config: Any, state_dict: dict[str, torch.Tensor],
+                     metadata: dict | None = None) -> None:
+    """Write one stage's weights and config into `folder` (weights first, config last)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / WEIGHTS_NAME
+    save_tensors(state_dict, weights, metadata={"format": "pt", "kind": kind})
+    atomic_write_json(folder / CONFIG_NAME, {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "config": to_dict(config),
+        "weights_sha256": sha256_file(weights),
+        "metadata": metadata or {},
+    })
+
+
+def read_config_file(folder: str | Path, kind: str) -> dict:
+    """The parsed config.json of a `kind` checkpoint folder, with clear errors for what is wrong."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise CheckpointError(f"checkpoint not found: {folder}")
+    if folder.is_file():
+        raise CheckpointError(f"{folder}: expected a checkpoint folder (holding {CONFIG_NAME} and {WEIGHTS_NAME})")
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no {CONFIG_NAME} here; is this a latentdiff {kind} checkpoint?")
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(info, dict) or "config" not in info:
+        raise CheckpointError(f"{path}: not a latentdiff config (no 'config' entry)")
+    if info.get("kind") != kind:
+        raise CheckpointError(f"{folder}: holds a {info.get('kind')!r} checkpoint, expected {kind!r}")
+    if info.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {info['format_version']} is newer than this latentdiff "
+                              f"reads ({FORMAT_VERSION}); upgrade latentdiff")
+    return info
+
+
+def load_model_files(folder: str | Path, *, kind: str, config_class: type) -> tuple[Any, dict, dict]:
+    """(config dataclass, state dict, metadata) of a checkpoint folder written by save_model_files."""
+    folder = Path(folder)
+    info = read_config_file(folder, kind)
+    try:
+        config = from_dict(config_class, info["config"])
+    except ConfigError as err:
+        raise CheckpointError(f"{folder / CONFIG_NAME}: {err}") from None
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"{folder}: {WEIGHTS_NAME} is missing")
+    expected = info.get("weights_sha256")
+    if expected and sha256_file(weights) != expected:
+        raise CheckpointError(f"{weights}: does not match the hash recorded in {CONFIG_NAME} "
+                              f"(the folder holds files from two different saves)")
+    try:
+        state_dict = load_file(str(weights))
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"{weights}: cannot be read as safetensors ({err})") from None
+    return config, state_dict, info.get("metadata", {})
+
+
+def load_state_dict_strict(module: torch.nn.Module, state_dict: dict, where: str | Path) -> None:
+    """`load_state_dict(strict=True)`, with missing/unexpected keys and shape mismatches named."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    wrong = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_short(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_short(unexpected)}")
+        if wrong:
+            parts.append("shape mismatch " + _short(
+                [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in wrong]))
+        raise CheckpointError(f"{where}: weights do not fit the model built from its config: " + "; ".join(parts))
+    module.load_state_dict(state_dict, strict=True)
+
+
+def _short(items: list[str], limit: int = 5) -> str:
+    shown = ", ".join(items[:limit])
+    return f"[{shown}{', ...' if len(items) > limit else ''}] ({len(items)})"
+
+
+def weights_hash(folder: str | Path) -> str:
+    """Short identity of a saved stage: the recorded SHA-256 of its weights (16 hex digits)."""
+    info = json.loads((Path(folder) / CONFIG_NAME).read_text())
+    digest = info.get("weights_sha256") or sha256_file(Path(folder) / WEIGHTS_NAME)
+    return digest[:16]
+
+
+class PretrainedMixin:
+    """`save_pretrained(folder)` / `from_pretrained(folder)` for a module built from one config dataclass.
+
+    Subclasses set `checkpoint_kind` and `config_class` and keep their config in `self.config`.
+    """
+
+    checkpoint_kind: str = ""
+    config_class: type = object
+
+    def save_pretrained(self, folder: str | Path, metadata: dict | None = None) -> None:
+        save_model_files(folder, kind=self.checkpoint_kind, config=self.config,
+                         state_dict=self.state_dict(), metadata=metadata)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path):
+        config, state_dict, metadata = load_model_files(folder, kind=cls.checkpoint_kind,
+                                                        config_class=cls.config_class)
+        model = cls(config)
+        load_state_dict_strict(model, state_dict, folder)
+        model.metadata = metadata
+        model.eval()
+        return model

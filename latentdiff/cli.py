@@ -1,0 +1,96 @@
+"""The `latentdiff` command: one sub-command per job; scripts/*.py are the same commands as files.
+
+Errors a user can cause (a bad flag, config key, path or checkpoint) end in one line on stderr and
+exit status 2, not a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+from .errors import LatentDiffError
+
+DEFAULT_OUT = {
+    "train-autoencoder": "weights/autoencoder",
+    "train-text-encoder": "weights/text_encoder",
+    "train-diffusion": "weights/diffusion",
+}
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
+    """The flags every train-* command shares."""
+    parser.add_argument("--config", help="YAML config (default: the CPU preset for the built-in shapes data)")
+    parser.add_argument("--data", help="'shapes' (built in) or a folder of images with captions")
+    parser.add_argument("--out", default=DEFAULT_OUT[stage], help="run folder (default: %(default)s)")
+    parser.add_argument("--steps", type=int, help="optimizer steps")
+    parser.add_argument("--batch-size", type=int, help="batch size per process")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="override any config field, e.g. model.ch_mult=[1,2,4] train.lr=1e-4")
+
+
+def training_config(config_class: type, args: argparse.Namespace):
+    """Defaults ← --config (or, with --resume, the run's own train_config.yaml) ← flags ← key=value."""
+    from .config import apply_overrides, load_config, parse_override
+
+    config_file = args.config
+    saved = Path(args.out) / "train_config.yaml"
+    if config_file is None and args.resume and saved.is_file():
+        config_file = saved
+    overrides = dict(parse_override(o) for o in args.overrides)
+    flags = {"data.source": args.data, "train.steps": args.steps, "train.batch_size": args.batch_size}
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    return apply_overrides(load_config(config_class, config_file), overrides)
+
+
+def run_train_autoencoder(args: argparse.Namespace) -> None:
+    from .config import AutoencoderTrainingConfig
+    from .train.autoencoder import train_autoencoder
+
+    train_autoencoder(training_config(AutoencoderTrainingConfig, args), args.out, resume=args.resume)
+
+
+def run_train_text_encoder(args: argparse.Namespace) -> None:
+    from .config import TextEncoderTrainingConfig
+    from .train.text_encoder import train_text_encoder
+
+    train_text_encoder(training_config(TextEncoderTrainingConfig, args), args.out, resume=args.resume)
+
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {
+    "train-autoencoder": ("train the KL autoencoder (stage 1)",
+                          lambda p: add_training_arguments(p, "train-autoencoder"), run_train_autoencoder),
+    "train-text-encoder": ("train the CLIP text encoder (stage 2)",
+                           lambda p: add_training_arguments(p, "train-text-encoder"), run_train_text_encoder),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="latentdiff", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_arguments, _) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None, command: str | None = None) -> int:
+    """Entry point; `command` fixes the sub-command (used by scripts/*.py)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if command is not None:
+        argv = [command] + argv
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command][2](args)
+    except LatentDiffError as err:
+        print(f"latentdiff {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

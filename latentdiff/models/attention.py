@@ -1,0 +1,122 @@
+"""Multi-head self/cross attention and the spatial transformer of the SD UNet.
+
+Module names follow the standard layout (attn1/attn2 with to_q/to_k/to_v/to_out.0, ff.net.0.proj,
+ff.net.2, norm1/2/3, proj_in/proj_out), shared by the CompVis and diffusers checkpoints, so that
+loading either is a key-renaming table.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Attention(nn.Module):
+    """Multi-head attention of `x` over itself (context None) or over `context` (cross-attention)."""
+
+    def __init__(self, query_dim: int, heads: int, context_dim: int | None = None, upcast: bool = False):
+        super().__init__()
+        context_dim = context_dim or query_dim
+        self.heads = heads
+        self.upcast = upcast
+        # No bias on q/k/v, as in SD; the output projection sits in a Sequential so its key is to_out.0.
+        self.to_q = nn.Linear(query_dim, query_dim, bias=False)
+        self.to_k = nn.Linear(context_dim, query_dim, bias=False)
+        self.to_v = nn.Linear(context_dim, query_dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(query_dim, query_dim))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, C); context (B, L, C_ctx) or None; mask (B, L) bool, True = attend. -> (B, N, C)"""
+        context = x if context is None else context
+        # (B, N, C) -> (B, heads, N, C / heads)
+        q, k, v = (proj(src).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+                   for proj, src in ((self.to_q, x), (self.to_k, context), (self.to_v, context)))
+        if mask is not None:
+            mask = mask[:, None, None, :].to(torch.bool)  # (B, 1, 1, L), broadcast over heads and queries
+        if self.upcast:
+            q, k, v = q.float(), k.float(), v.float()
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).to(x.dtype)
+        return self.to_out(out.transpose(1, 2).flatten(2))  # (B, N, C)
+
+
+class GEGLU(nn.Module):
+    """Linear to twice the width, then value * GELU(gate) (Shazeer 2020, "GLU Variants Improve Transformer")."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU to 4x the width, dropout, linear back; kept in `net` so keys read ff.net.0.proj / ff.net.2."""
+
+    def __init__(self, dim: int, dropout: float = 0.0, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention on the text tokens, GEGLU feed-forward; each residual."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int, dropout: float = 0.0, upcast: bool = False):
+        super().__init__()
+        self.attn1 = Attention(dim, heads, upcast=upcast)
+        self.ff = FeedForward(dim, dropout)
+        self.attn2 = Attention(dim, heads, context_dim, upcast=upcast)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, C), context (B, L, C_ctx), mask (B, L) bool or None -> (B, N, C)"""
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context, mask)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Feature maps as a sequence of H*W tokens through `depth` transformer blocks, added back residually.
+
+    The projections are 1x1 convs applied before flattening (SD 1.x) or Linear layers applied after
+    it (SD 2.x); the two are the same map, but their weights have different shapes.
+    """
+
+    def __init__(self, channels: int, heads: int, depth: int, context_dim: int, *, groups: int,
+                 linear_projection: bool = False, dropout: float = 0.0, upcast: bool = False):
+        super().__init__()
+        self.linear_projection = linear_projection
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
+        proj = nn.Linear if linear_projection else (lambda cin, cout: nn.Conv2d(cin, cout, 1))
+        self.proj_in = proj(channels, channels)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(channels, heads, context_dim, dropout, upcast) for _ in range(depth))
+        self.proj_out = proj(channels, channels)
+        # Zero the last projection so a fresh block starts as the identity (as ldm does).
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W), context (B, L, C_ctx), mask (B, L) bool or None -> (B, C, H, W)"""
+        b, c, height, width = x.shape
+        h = self.norm(x)
+        if not self.linear_projection:
+            h = self.proj_in(h)
+        h = h.flatten(2).transpose(1, 2)  # (B, H*W, C)
+        if self.linear_projection:
+            h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = block(h, context, mask)
+        if self.linear_projection:
+            h = self.proj_out(h)
+        h = h.transpose(1, 2).reshape(b, c, height, width)
+        if not self.linear_projection:
+            h = self.proj_out(h)
+        return x + h

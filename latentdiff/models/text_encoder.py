@@ -1,0 +1,192 @@
+"""The one text-encoder interface the rest of latentdiff uses, and the loader that picks a backend.
+
+    encoder = TextEncoder.from_pretrained(path)          # any of the three formats below
+    states, pooled, mask = encoder.encode(["a red circle"])
+    # states (B, L, D): per-token states the UNet cross-attends to (L = context_length, D = width)
+    # pooled (B, P):    the prompt's CLIP embedding (P = pooled_dim)
+    # mask   (B, L):    1 for the prompt's tokens (start .. end), 0 for padding
+
+Backends (same interface, same `from_pretrained`):
+    OpenCLIPTextEncoder  (text_encoder_openclip.py) an open_clip CLIP model: trained here from a
+                         TextEncoderConfig, or loaded from an OpenCLIP checkpoint file (SD 2.x)
+    HFCLIPTextEncoder    (text_encoder_hf.py) transformers CLIPTextModel/CLIPModel + CLIPTokenizer
+                         from a local folder (SD 1.x)
+
+Nothing here downloads anything: every loader reads local files only.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoint import CONFIG_NAME
+from ..errors import CheckpointError
+
+OPEN_CLIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+HF_CLIP_MODEL_TYPES = ("clip", "clip_text_model")
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A prompt had more tokens than the encoder's context length; the end was dropped."""
+
+
+class TokenizedPrompts(NamedTuple):
+    ids: torch.Tensor   # (B, L) token ids: start, prompt, end, padding
+    mask: torch.Tensor  # (B, L) 1 for start .. end, 0 for padding (long)
+
+
+class TextEncoding(NamedTuple):
+    states: torch.Tensor  # (B, L, D) per-token states from the configured layer (final LayerNorm applied)
+    pooled: torch.Tensor  # (B, P) the prompt's embedding in CLIP space (projected where the model has a projection)
+    mask: torch.Tensor    # (B, L) 1 for the prompt's tokens, 0 for padding
+
+
+def warn_truncated(prompt: str, n_tokens: int, context_length: int) -> None:
+    """Warn that `prompt` (n_tokens incl. start/end) lost its last n_tokens - context_length tokens."""
+    dropped = n_tokens - context_length
+    warnings.warn(f"prompt truncated to the context length {context_length}: {dropped} token"
+                  f"{'s' if dropped != 1 else ''} dropped from {prompt[:60]!r}{'...' if len(prompt) > 60 else ''}",
+                  PromptTruncatedWarning, stacklevel=3)
+
+
+def as_prompt_list(prompts: str | Sequence[str]) -> list[str]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if not all(isinstance(p, str) for p in prompts):
+        raise TypeError("prompts must be strings")
+    return prompts
+
+
+class TextEncoder(nn.Module):
+    """Prompts -> (per-token states, pooled embedding, mask); also CLIP's image tower where there is one.
+
+    Subclasses set `context_length`, `width`, `pooled_dim`, `output_layer`, `image_size`,
+    `image_mean`, `image_std`, and implement `tokenize`, `encode_tokens` and `_image_embedding`.
+    """
+
+    context_length: int          # L: prompts are padded / truncated to this many tokens
+    width: int                   # D: width of the per-token states
+    pooled_dim: int              # P: width of the pooled embedding
+    output_layer: str            # "last" or "penultimate": which block's states `encode` returns
+    image_size: int = 0          # input size of the image tower (0: no image tower)
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # the image tower's input normalisation
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    # -- text -----------------------------------------------------------------------------------
+
+    def tokenize(self, prompts: str | Sequence[str]) -> TokenizedPrompts:
+        """Token ids and mask (B, L); prompts longer than L are cut (PromptTruncatedWarning)."""
+        raise NotImplementedError
+
+    def encode_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> TextEncoding:
+        """States, pooled embedding and mask of tokenized prompts."""
+        raise NotImplementedError
+
+    def encode(self, prompts: str | Sequence[str]) -> TextEncoding:
+        ids, mask = self.tokenize(prompts)
+        return self.encode_tokens(ids.to(self.device), mask.to(self.device))
+
+    def unconditional(self, batch_size: int = 1) -> TextEncoding:
+        """The empty prompt's encoding, repeated: the 'no text' input of classifier-free guidance."""
+        states, pooled, mask = self.encode([""])
+        return TextEncoding(states.expand(batch_size, -1, -1), pooled.expand(batch_size, -1),
+                            mask.expand(batch_size, -1))
+
+    def text_embedding(self, prompts: str | Sequence[str]) -> torch.Tensor:
+        """(B, P) unit-length CLIP text embeddings (for CLIP score and retrieval)."""
+        return F.normalize(self.encode(prompts).pooled, dim=-1)
+
+    # -- images (CLIP score, retrieval) ---------------------------------------------------------
+
+    @property
+    def has_image_tower(self) -> bool:
+        return self.image_size > 0
+
+    def image_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images in [-1, 1] -> (B, P) unit-length CLIP image embeddings."""
+        if not self.has_image_tower:
+            raise CheckpointError("this text encoder has no image tower (a text-only checkpoint), so it cannot "
+                                  "embed images; load a full CLIP checkpoint for CLIP score")
+        return F.normalize(self._image_embedding(self.preprocess_images(images)), dim=-1)
+
+    def preprocess_images(self, images: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] images -> the image tower's input: resized (bicubic) to image_size, then normalised."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        x = (images.float() + 1) / 2  # (B, 3, H, W) in [0, 1]
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            # resize the short side then centre-crop, as CLIP's own preprocessing does
+            h, w = x.shape[-2:]
+            scale = self.image_size / min(h, w)
+            size = (max(self.image_size, round(h * scale)), max(self.image_size, round(w * scale)))
+            x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+            top, left = (size[0] - self.image_size) // 2, (size[1] - self.image_size) // 2
+            x = x[..., top:top + self.image_size, left:left + self.image_size]
+        mean = x.new_tensor(self.image_mean).view(1, 3, 1, 1)
+        std = x.new_tensor(self.image_std).view(1, 3, 1, 1)
+        return ((x - mean) / std).to(self.device)
+
+    def _image_embedding(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- files ----------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def save_pretrained(self, folder: str | Path, metadata: dict | None = None) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, open_clip_model: str | None = None,
+                        output_layer: str | None = None, image_tower: bool = True) -> "TextEncoder":
+        """Load a text encoder from local files, whichever of the supported formats `path` holds.
+
+        path               a latentdiff text-encoder folder (config.json with kind "text_encoder"),
+                           a transformers CLIP folder (config.json with model_type clip / clip_text_model,
+                           tokenizer files beside it or in ../tokenizer), a folder holding one of these
+                           in text_encoder/, or an OpenCLIP checkpoint file (.safetensors/.bin/.pt/.ckpt)
+        open_clip_model    the open_clip architecture of a checkpoint file, e.g. "ViT-H-14"
+        output_layer       "last" or "penultimate"; default: the saved config's, else "last"
+        image_tower        False drops CLIP's image tower after loading (saves memory; no CLIP score)
+        """
+        # Backends are imported here so that loading one never imports the other's library.
+        path = Path(path)
+        if not path.exists():
+            raise CheckpointError(f"text encoder not found: {path}")
+        if path.is_file():
+            if path.suffix.lower() not in OPEN_CLIP_SUFFIXES:
+                raise CheckpointError(f"{path}: not a text encoder checkpoint (expected a folder, or an OpenCLIP "
+                                      f"weights file ending in {', '.join(OPEN_CLIP_SUFFIXES)})")
+            from .text_encoder_openclip import OpenCLIPTextEncoder
+            return OpenCLIPTextEncoder.from_open_clip_file(path, open_clip_model, output_layer=output_layer,
+                                                           image_tower=image_tower)
+        config = path / CONFIG_NAME
+        if not config.is_file():
+            if (path / "text_encoder").is_dir():
+                return cls.from_pretrained(path / "text_encoder", open_clip_model=open_clip_model,
+                                           output_layer=output_layer, image_tower=image_tower)
+            raise CheckpointError(f"{path}: no {CONFIG_NAME} here; expected a latentdiff or transformers text "
+                                  f"encoder folder, or an OpenCLIP checkpoint file")
+        try:
+            info = json.loads(config.read_text())
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{config}: not valid JSON ({err})") from None
+        if isinstance(info, dict) and "kind" in info:
+            from .text_encoder_openclip import OpenCLIPTextEncoder
+            return OpenCLIPTextEncoder.from_latentdiff_folder(path, output_layer=output_layer,
+                                                              image_tower=image_tower)
+        if isinstance(info, dict) and info.get("model_type") in HF_CLIP_MODEL_TYPES:
+            from .text_encoder_hf import HFCLIPTextEncoder
+            return HFCLIPTextEncoder.from_folder(path, output_layer=output_layer or "last", image_tower=image_tower)
+        found = info.get("model_type") if isinstance(info, dict) else None
+        raise CheckpointError(f"{config}: neither a latentdiff text encoder (no 'kind') nor a transformers CLIP "
+                              f"config (model_type {found!r}, expected one of {', '.join(HF_CLIP_MODEL_TYPES)})")

@@ -1,0 +1,173 @@
+"""Samplers: pure functions with one signature,
+
+    sample_NAME(denoiser, x, sigmas, *, cond, generator=None, callback=None, **options) -> x at σ = 0
+
+x (B, C, H, W) is the starting latent in sigma space (x = x0 + σ·ε, see `initial_latent`); sigmas is the
+decreasing sequence from `NoiseSchedule.sampling_sigmas`, ending with 0; denoiser is D(x, sigma, cond) -> x0
+(a `Denoiser`, or a guidance wrapper around one), so no sampler knows the prediction type.
+
+`generator` is one torch.Generator per batch element: sample b's noise comes from generator[b] only, so an
+image depends on its seed and not on the batch it was made in. `callback(dict(i, x, sigma, denoised))` is
+called once per step, before the step updates x. Samplers run under torch.no_grad().
+
+In sigma space DDPM, DDIM(η) and Euler ancestral(η) are one family: each moves x to x0 + σ_down·ε̂ and
+adds σ_up of fresh noise, with σ_up² = η²·σ_next²(σ² - σ_next²)/σ² (DDIM with η = 1 is the DDPM
+posterior), and DDIM(η = 0) is the Euler step. Each is kept in its paper's form here; the tests check that
+they agree.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+Generators = Sequence[torch.Generator] | torch.Generator | None
+
+
+def randn_per_sample(shape: Sequence[int], generator: Generators, *, dtype: torch.dtype | None = None,
+                     device: torch.device | str | None = None) -> torch.Tensor:
+    """(B, ...) standard normal noise; row b is drawn from generator[b] alone (global RNG if None)."""
+    if generator is None:
+        return torch.randn(shape, dtype=dtype, device=device)
+    if isinstance(generator, torch.Generator):
+        generator = [generator]
+    if len(generator) != shape[0]:
+        raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}: pass one per sample")
+    # Drawn on each generator's own device (a CPU generator cannot fill a CUDA tensor), then moved.
+    rows = [torch.randn(tuple(shape[1:]), generator=g, dtype=dtype, device=g.device) for g in generator]
+    return torch.stack(rows).to(device)
+
+
+def initial_latent(shape: Sequence[int], sigmas: torch.Tensor, generator: Generators = None, *,
+                   dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    """(B, C, H, W) starting point for `sigmas`: noise · sqrt(1 + σ_max²).
+
+    That is the std of x0 + σ_max·ε for unit-variance latents, and what diffusers uses for DDPM, DDIM and
+    DPM-Solver (init_noise_sigma = 1 in VP space) and for Euler/Heun with "leading" spacing; diffusers' Euler
+    and Heun use σ_max alone for "linspace" and "trailing" (0.2% less for SD's σ_max = 14.6, the same with
+    zero-terminal SNR's σ_max ≈ 4096).
+    """
+    sigma_max = sigmas[0].item()
+    return randn_per_sample(shape, generator, dtype=dtype, device=device) * (1 + sigma_max ** 2) ** 0.5
+
+
+def _noise_like(x: torch.Tensor, generator: Generators) -> torch.Tensor:
+    return randn_per_sample(x.shape, generator, dtype=x.dtype, device=x.device)
+
+
+def _steps(x: torch.Tensor, sigmas: torch.Tensor):
+    """(i, sigma, sigma_next, sigma_in) per step; sigma_in (B,) is what the denoiser takes."""
+    sigmas = torch.as_tensor(sigmas).to(device=x.device, dtype=x.dtype)
+    ones = x.new_ones(x.shape[0])
+    for i in range(len(sigmas) - 1):
+        yield i, sigmas[i], sigmas[i + 1], sigmas[i] * ones
+
+
+def _report(callback: Callable | None, i: int, x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> None:
+    if callback is not None:
+        callback({"i": i, "x": x, "sigma": sigma, "denoised": denoised})
+
+
+@torch.no_grad()
+def sample_euler(denoiser, x, sigmas, *, cond, generator=None, callback=None):
+    """Euler's method on the probability-flow ODE dx/dσ = (x - D(x, σ))/σ (Karras et al. 2022, alg. 2, no churn)."""
+    for i, sigma, sigma_next, sigma_in in _steps(x, sigmas):
+        denoised = denoiser(x, sigma_in, cond)
+        _report(callback, i, x, sigma, denoised)
+        d = (x - denoised) / sigma
+        x = x + d * (sigma_next - sigma)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(denoiser, x, sigmas, *, cond, generator=None, callback=None):
+    """Heun's 2nd-order method on the probability-flow ODE (Karras et al. 2022, alg. 1); Euler for the step to 0."""
+    for i, sigma, sigma_next, sigma_in in _steps(x, sigmas):
+        denoised = denoiser(x, sigma_in, cond)
+        _report(callback, i, x, sigma, denoised)
+        d = (x - denoised) / sigma
+        dt = sigma_next - sigma
+        if sigma_next == 0:
+            x = x + d * dt
+            continue
+        x_euler = x + d * dt
+        d_next = (x_euler - denoiser(x_euler, sigma_next * torch.ones_like(sigma_in), cond)) / sigma_next
+        x = x + (d + d_next) / 2 * dt
+    return x
+
+
+def ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor,
+                   eta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(σ_down, σ_up): step deterministically to σ_down, then add σ_up of noise; σ_down² + σ_up² = σ_next²."""
+    sigma_up = torch.minimum(sigma_next, eta * (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2).sqrt())
+    sigma_down = (sigma_next ** 2 - sigma_up ** 2).sqrt()
+    return sigma_down, sigma_up
+
+
+@torch.no_grad()
+def sample_euler_ancestral(denoiser, x, sigmas, *, cond, generator=None, callback=None, eta=1.0):
+    """Euler ancestral sampling (k-diffusion): an Euler step to σ_down, then fresh noise of std σ_up."""
+    for i, sigma, sigma_next, sigma_in in _steps(x, sigmas):
+        denoised = denoiser(x, sigma_in, cond)
+        _report(callback, i, x, sigma, denoised)
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+        x = x + (x - denoised) / sigma * (sigma_down - sigma)
+        if sigma_next > 0 and eta > 0:
+            x = x + _noise_like(x, generator) * sigma_up
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(denoiser, x, sigmas, *, cond, generator=None, callback=None, eta=0.0):
+    """DDIM (Song et al. 2021, eq. 12) in VP coordinates; η = 0 is deterministic, η = 1 is DDPM's posterior."""
+    for i, sigma, sigma_next, sigma_in in _steps(x, sigmas):
+        denoised = denoiser(x, sigma_in, cond)
+        _report(callback, i, x, sigma, denoised)
+        eps = (x - denoised) / sigma
+        # sqrt(ᾱ) and sqrt(1 - ᾱ) at σ_next, written without the cancellation in 1 - ᾱ.
+        alpha_next = (1 + sigma_next ** 2).rsqrt()
+        std_next = sigma_next * alpha_next
+        # DDIM's σ_t(η) = η·sqrt((1-ᾱ_next)/(1-ᾱ))·sqrt(1 - ᾱ/ᾱ_next) = η·std_next·sqrt(σ²-σ_next²)/σ
+        std = eta * std_next * (sigma ** 2 - sigma_next ** 2).sqrt() / sigma
+        x_vp = alpha_next * denoised + (std_next ** 2 - std ** 2).clamp(min=0).sqrt() * eps
+        if sigma_next > 0 and eta > 0:
+            x_vp = x_vp + std * _noise_like(x, generator)
+        x = x_vp / alpha_next
+    return x
+
+
+@torch.no_grad()
+def sample_ddpm(denoiser, x, sigmas, *, cond, generator=None, callback=None):
+    """DDPM ancestral sampling (Ho et al. 2020, eq. 7, "fixed small" variance), which is DDIM with η = 1."""
+    return sample_ddim(denoiser, x, sigmas, cond=cond, generator=generator, callback=callback, eta=1.0)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(denoiser, x, sigmas, *, cond, generator=None, callback=None):
+    """DPM-Solver++(2M) (Lu et al. 2022, alg. 2): multistep, 2nd order in λ = -log σ; 1st on the first and last step."""
+    old_denoised, h_last = None, None
+    for i, sigma, sigma_next, sigma_in in _steps(x, sigmas):
+        denoised = denoiser(x, sigma_in, cond)
+        _report(callback, i, x, sigma, denoised)
+        if sigma_next == 0:
+            x = denoised  # the exponential integrator's limit as σ_next -> 0
+            continue
+        h = (sigma / sigma_next).log()
+        if old_denoised is None:
+            d = denoised
+        else:
+            r = h_last / h
+            d = (1 + 1 / (2 * r)) * denoised - 1 / (2 * r) * old_denoised
+        x = (sigma_next / sigma) * x - torch.expm1(-h) * d
+        old_denoised, h_last = denoised, h
+    return x
+
+
+SAMPLERS: dict[str, Callable] = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "euler": sample_euler,
+    "euler_a": sample_euler_ancestral,
+    "heun": sample_heun,
+    "dpmpp_2m": sample_dpmpp_2m,
+}

