@@ -191,5 +191,6 @@ class PretrainedMixin:
         model = cls(config)
         load_state_dict_strict(model, state_dict, folder)
         model.metadata = metadata
+        model.weights_hash = weights_hash(folder)  # identity of this stage, recorded by the stages trained on it
         model.eval()
         return model

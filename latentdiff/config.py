@@ -223,7 +223,8 @@ class TrainConfig:
     steps: int = 3000                 # optimizer steps
     batch_size: int = 32              # per process, per accumulation step
     lr: float = 2e-4                  # peak learning rate
-    warmup_steps: int = 100           # linear warm-up, then constant
+    warmup_steps: int = 100           # linear warm-up to lr over this many steps
+    lr_schedule: str = "constant"     # after warm-up: "constant", or "cosine" decay to 0 at the last step
     weight_decay: float = 0.0         # AdamW decoupled weight decay
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0            # max grad norm (0 = off)
@@ -238,6 +239,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+        _check_choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine"))
         for name in ("steps", "batch_size", "grad_accum", "log_every", "sample_every", "checkpoint_every",
                      "keep_checkpoints"):
             if getattr(self, name) < 1:
@@ -466,3 +468,46 @@ class ObjectiveConfig:
             raise ConfigError(f"objective.offset_noise: must be at least 0, got {self.offset_noise}")
         if not 0.0 <= self.cond_dropout <= 1.0:
             raise ConfigError(f"objective.cond_dropout: must be in [0, 1], got {self.cond_dropout}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 3: diffusion training
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    sampler: str = "dpmpp_2m"         # a name in latentdiff.samplers.SAMPLERS (checked when used)
+    steps: int = 20                   # denoising steps
+    guidance_scale: float = 3.0       # classifier-free guidance scale (1 = no guidance)
+    spacing: str = "leading"          # sigma spacing: "leading", "trailing", "linspace" or "karras"
+
+    def __post_init__(self):
+        _check_choice("sampling.spacing", self.spacing, ("leading", "trailing", "linspace", "karras"))
+        if self.steps < 1:
+            raise ConfigError(f"sampling.steps: must be at least 1, got {self.steps}")
+        if self.guidance_scale < 0:
+            raise ConfigError(f"sampling.guidance_scale: must be at least 0, got {self.guidance_scale}")
+
+
+@dataclass(frozen=True)
+class DiffusionTrainingConfig:
+    autoencoder: str = ""             # trained stage-1 folder (--autoencoder); frozen, encodes images to latents
+    text_encoder: str = ""            # trained stage-2 folder (--text-encoder); frozen, encodes captions
+    model: UNetConfig = field(default_factory=lambda: UNetConfig(
+        model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1), num_heads=4))
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig(prediction="eps", weighting="min_snr"))
+    data: DataConfig = field(default_factory=lambda: DataConfig(length=8192))  # the cache holds `length` samples
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=1500, batch_size=64, lr=3e-4, warmup_steps=100, ema_decay=0.999, log_every=25,
+        sample_every=500, checkpoint_every=500))
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # previews and the pipeline's defaults
+    preview_prompts: tuple[str, ...] = (
+        "a red circle in the top left", "a blue square in the center", "a green triangle in the bottom right",
+        "a yellow star", "two purple diamonds", "an orange cross above a cyan circle")
+    preview_images: int = 4           # images per preview prompt (seeds 0, 1, ...)
+    cache_dir: str = ""               # latent + text cache root ("" = latent_cache/ beside the run folder)
+
+    def __post_init__(self):
+        if self.preview_images < 0:
+            raise ConfigError(f"preview_images: must be at least 0, got {self.preview_images}")

@@ -2,7 +2,7 @@
 the timestep embedding and the text tokens to whichever children need them.
 
 Names follow ldm's `openaimodel` (in_layers / emb_layers / out_layers / skip_connection, Downsample.op,
-Upsample.conv) so that CompVis checkpoints map onto these modules key for key.
+Upsample.conv, Upsample being shared with the autoencoder) so that CompVis checkpoints map onto these modules key for key.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import SpatialTransformer
+from .autoencoder import Upsample  # the same module (and key names) as the VAE's
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -62,17 +63,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour 2x, then a 3x3 conv: (B, C, H, W) -> (B, C, 2H, 2W)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class TimestepSequential(nn.Sequential):

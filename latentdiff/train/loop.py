@@ -14,6 +14,7 @@ and random state as an uninterrupted run.
 from __future__ import annotations
 
 import csv
+import math
 import json
 import shutil
 from pathlib import Path
@@ -148,8 +149,12 @@ class TrainingRun:
         return self.accelerator.unwrap_model(module)
 
     def set_lr(self, optimizer: torch.optim.Optimizer, peak_lr: float, step: int) -> None:
-        """Linear warm-up to `peak_lr` over train.warmup_steps, then constant (stateless, so resume is exact)."""
-        scale = min(1.0, (step + 1) / max(1, self.train.warmup_steps))
+        """Linear warm-up to `peak_lr` over train.warmup_steps, then constant or cosine decay to 0 at
+        train.steps. A function of the step alone, so resume is exact."""
+        warmup, total = max(1, self.train.warmup_steps), self.train.steps
+        scale = min(1.0, (step + 1) / warmup)
+        if self.train.lr_schedule == "cosine" and step >= warmup:
+            scale = 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
         for group in optimizer.param_groups:
             group["lr"] = peak_lr * scale
 
