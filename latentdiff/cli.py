@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import LatentDiffError
+from .generate import add_generate_arguments, run_generate
 
 DEFAULT_OUT = {
     "train-autoencoder": "weights/autoencoder",
@@ -59,11 +60,31 @@ def run_train_text_encoder(args: argparse.Namespace) -> None:
     train_text_encoder(training_config(TextEncoderTrainingConfig, args), args.out, resume=args.resume)
 
 
+def add_diffusion_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--autoencoder", metavar="DIR", help="trained autoencoder folder (stage 1)")
+    parser.add_argument("--text-encoder", metavar="DIR", help="trained text encoder folder (stage 2)")
+    add_training_arguments(parser, "train-diffusion")
+
+
+def run_train_diffusion(args: argparse.Namespace) -> None:
+    from .config import DiffusionTrainingConfig, apply_overrides
+    from .train.diffusion import train_diffusion
+
+    cfg = training_config(DiffusionTrainingConfig, args)
+    stages = {"autoencoder": args.autoencoder, "text_encoder": args.text_encoder}
+    cfg = apply_overrides(cfg, {k: v for k, v in stages.items() if v is not None})  # else: --config / the resumed run's
+    train_diffusion(cfg, args.out, resume=args.resume)
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {
     "train-autoencoder": ("train the KL autoencoder (stage 1)",
                           lambda p: add_training_arguments(p, "train-autoencoder"), run_train_autoencoder),
     "train-text-encoder": ("train the CLIP text encoder (stage 2)",
                            lambda p: add_training_arguments(p, "train-text-encoder"), run_train_text_encoder),
+    "train-diffusion": ("train the text-conditioned UNet on the frozen stages 1 and 2 (stage 3)",
+                        add_diffusion_arguments, run_train_diffusion),
+    "generate": ("generate images from prompts (PNGs carry their parameters)",
+                 add_generate_arguments, run_generate),
 }
 
 

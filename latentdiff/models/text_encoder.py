@@ -148,6 +148,18 @@ class TextEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, *, open_clip_model: str | None = None,
                         output_layer: str | None = None, image_tower: bool = True) -> "TextEncoder":
+        """Load a text encoder from local files (see `_load` for the formats); it carries `weights_hash`,
+        the identity that the stages trained on it record."""
+        from ..stages import stage_hash
+
+        encoder = cls._load(path, open_clip_model=open_clip_model, output_layer=output_layer,
+                            image_tower=image_tower)
+        encoder.weights_hash = stage_hash(path)
+        return encoder
+
+    @classmethod
+    def _load(cls, path: str | Path, *, open_clip_model: str | None = None,
+              output_layer: str | None = None, image_tower: bool = True) -> "TextEncoder":
         """Load a text encoder from local files, whichever of the supported formats `path` holds.
 
         path               a latentdiff text-encoder folder (config.json with kind "text_encoder"),
@@ -172,7 +184,7 @@ class TextEncoder(nn.Module):
         config = path / CONFIG_NAME
         if not config.is_file():
             if (path / "text_encoder").is_dir():
-                return cls.from_pretrained(path / "text_encoder", open_clip_model=open_clip_model,
+                return cls._load(path / "text_encoder", open_clip_model=open_clip_model,
                                            output_layer=output_layer, image_tower=image_tower)
             raise CheckpointError(f"{path}: no {CONFIG_NAME} here; expected a latentdiff or transformers text "
                                   f"encoder folder, or an OpenCLIP checkpoint file")
