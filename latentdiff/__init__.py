@@ -3,10 +3,11 @@ from .config import AutoencoderConfig, UNetConfig
 from .errors import CheckpointError, ConfigError, DataError, LatentDiffError
 from .models.autoencoder import AutoencoderKL
 from .models.unet import UNet
+from .pipeline import Text2ImageOutput, Text2ImagePipeline
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AutoencoderConfig", "AutoencoderKL", "CheckpointError", "ConfigError", "DataError", "LatentDiffError",
-    "UNet", "UNetConfig", "__version__",
+    "Text2ImageOutput", "Text2ImagePipeline", "UNet", "UNetConfig", "__version__",
 ]

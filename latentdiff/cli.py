@@ -76,6 +76,18 @@ def run_train_diffusion(args: argparse.Namespace) -> None:
     train_diffusion(cfg, args.out, resume=args.resume)
 
 
+def _quickstart():
+    from . import quickstart  # imports every stage's trainer: only when the command runs
+
+    return quickstart
+
+
+def _evaluate():
+    from .eval import evaluate  # torchmetrics: only when the command runs
+
+    return evaluate
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {
     "train-autoencoder": ("train the KL autoencoder (stage 1)",
                           lambda p: add_training_arguments(p, "train-autoencoder"), run_train_autoencoder),
@@ -85,7 +97,19 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
                         add_diffusion_arguments, run_train_diffusion),
     "generate": ("generate images from prompts (PNGs carry their parameters)",
                  add_generate_arguments, run_generate),
+    "eval": ("score a pipeline: shapes judge per category (train and held-out compositions), FID, CLIP score",
+             lambda p: _evaluate().add_eval_arguments(p), lambda a: _evaluate().run_eval(a)),
+    "quickstart": ("train all three stages on the built-in shapes data, then draw a grid of samples",
+                   lambda p: _quickstart().add_quickstart_arguments(p), lambda a: _quickstart().run_quickstart(a)),
+    "convert": ("convert a pipeline between the latentdiff, diffusers and original SD single-file formats",
+                lambda p: _convert().add_convert_arguments(p), lambda a: _convert().run_convert(a)),
 }
+
+
+def _convert():
+    from .convert import command  # transformers and the format code: only when the command runs
+
+    return command
 
 
 def build_parser() -> argparse.ArgumentParser:

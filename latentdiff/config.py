@@ -300,8 +300,9 @@ class AutoencoderTrainingConfig:
     model: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    scale_batches: int = 50           # batches of held-out data used to measure the latent std
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=2000, batch_size=16, lr=1e-3, grad_clip=0.0, ema_decay=0.999, log_every=50))
+    scale_batches: int = 50           # batches of training data used to measure the latent std
     eval_batches: int = 20            # batches of held-out data used to measure PSNR
 
 
@@ -427,8 +428,12 @@ class TextEncoderTrainingConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=1500, batch_size=128, lr=5e-4, warmup_steps=100, weight_decay=0.1, betas=(0.9, 0.98),
         log_every=25, sample_every=250, checkpoint_every=250))
+    lr_decay: str = "cosine"          # after warm-up: "cosine" (to 0 at the last step) or "constant"
     eval_batch_size: int = 64         # distinct captions per held-out retrieval batch
     eval_batches: int = 8             # held-out retrieval batches averaged at the end (and every sample_every steps)
+
+    def __post_init__(self):
+        _check_choice("lr_decay", self.lr_decay, ("cosine", "constant"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,11 +485,14 @@ class SamplingConfig:
     steps: int = 20                   # denoising steps
     guidance_scale: float = 3.0       # classifier-free guidance scale (1 = no guidance)
     spacing: str = "leading"          # sigma spacing: "leading", "trailing", "linspace" or "karras"
+    steps_offset: int = 1             # added to "leading" timesteps (SD: 1; diffusers' scheduler field of that name)
 
     def __post_init__(self):
         _check_choice("sampling.spacing", self.spacing, ("leading", "trailing", "linspace", "karras"))
         if self.steps < 1:
             raise ConfigError(f"sampling.steps: must be at least 1, got {self.steps}")
+        if self.steps_offset < 0:
+            raise ConfigError(f"sampling.steps_offset: must be at least 0, got {self.steps_offset}")
         if self.guidance_scale < 0:
             raise ConfigError(f"sampling.guidance_scale: must be at least 0, got {self.guidance_scale}")
 

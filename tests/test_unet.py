@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 
 import pytest
 import torch
 
 from latentdiff.checkpoint import CONFIG_NAME
 from latentdiff.config import UNetConfig, from_dict, to_dict
+from latentdiff.convert.unet_keys import unet_key_map, unet_to_diffusers
 from latentdiff.errors import CheckpointError, ConfigError
 from latentdiff.models.unet import UNet
 
@@ -278,38 +278,6 @@ def diffusers_unet(cfg: UNetConfig):
         use_linear_projection=cfg.use_linear_projection, upcast_attention=cfg.upcast_attention)
 
 
-_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-_FIXED = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-          "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
-
-
-def our_key(key: str, cfg: UNetConfig) -> str:
-    """The name in our (ldm-layout) UNet of a diffusers UNet2DConditionModel parameter."""
-    n, last = cfg.num_res_blocks, len(cfg.channel_mult) - 1
-    head, _, rest = key.rpartition(".")
-    for old, new in _FIXED.items():
-        if head == old:
-            return f"{new}.{rest}"
-    m = re.fullmatch(r"(down_blocks|up_blocks|mid_block)\.(?:(\d+)\.)?(resnets|attentions|downsamplers|upsamplers)"
-                     r"\.(\d+)\.(.+)", key)
-    assert m, key
-    path, block, part, j, tail = m.group(1), int(m.group(2) or 0), m.group(3), int(m.group(4)), m.group(5)
-    if part == "resnets":
-        first, _, more = tail.partition(".")
-        tail = f"{_RESNET[first]}.{more}"
-    elif part == "downsamplers":
-        tail = tail.replace("conv.", "op.", 1)
-    if path == "mid_block":
-        return f"middle_block.{1 if part == 'attentions' else 2 * j}.{tail}"
-    if path == "down_blocks":
-        index = 1 + block * (n + 1) + (n if part == "downsamplers" else j)
-        return f"input_blocks.{index}.{1 if part == 'attentions' else 0}.{tail}"
-    has_attention = (last - block) in cfg.attention_levels
-    sub = {"resnets": 0, "attentions": 1, "upsamplers": 1 + has_attention}[part]
-    return f"output_blocks.{block * (n + 1) + (n if part == 'upsamplers' else j)}.{sub}.{tail}"
-
-
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_matches_diffusers_tiny(name):
     """Same parameter count, same parameter shapes under a renaming, and the same output."""
@@ -318,11 +286,11 @@ def test_matches_diffusers_tiny(name):
     torch.manual_seed(0)
     theirs = diffusers_unet(cfg).eval()
     assert count(ours) == count(theirs)
-    own = ours.state_dict()
-    mapped = {our_key(k, cfg): v for k, v in theirs.state_dict().items()}
-    assert mapped.keys() == own.keys()
-    assert all(mapped[k].shape == own[k].shape for k in own)
-    theirs.load_state_dict({k: own[our_key(k, cfg)] for k in theirs.state_dict()}, strict=True)
+    own, reference = ours.state_dict(), theirs.state_dict()
+    names = unet_key_map(cfg)  # ours -> diffusers (the library's conversion table)
+    assert names.keys() == own.keys() and sorted(names.values()) == sorted(reference)
+    assert all(reference[names[k]].shape == own[k].shape for k in own)
+    theirs.load_state_dict(unet_to_diffusers(own, cfg), strict=True)
 
     x, t, context = inputs(cfg, size=(cfg.downsample_factor * 2, cfg.downsample_factor * 3), tokens=6)
     mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])

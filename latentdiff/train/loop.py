@@ -77,6 +77,14 @@ class MetricsLog:
             csv.DictWriter(f, self.columns, extrasaction="ignore").writerow(row)
 
 
+def completed_steps(out_dir: str | Path) -> int:
+    """Steps finished by the run in `out_dir`, from its newest checkpoint (0 when it has none)."""
+    checkpoints = Path(out_dir) / "checkpoints"
+    found = sorted(p for p in checkpoints.glob(f"{CHECKPOINT_PREFIX}*") if (p / "state.json").is_file()) \
+        if checkpoints.is_dir() else []
+    return TrainingRun._read_step(found[-1]) if found else 0
+
+
 class TrainingRun:
     """Owns the accelerator, the run folder, checkpointing/resume, EMA, metrics and the progress bar.
 

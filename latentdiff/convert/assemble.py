@@ -1,0 +1,43 @@
+"""Converted modules into a working Text2ImagePipeline, and the one way an export can differ from it.
+
+The UNet gets the metadata a trained UNet carries (its stages by weights hash, prediction type, schedule,
+sampling defaults), so that the pipeline's own checks, save_pretrained and from_pretrained work on it as
+on one trained here.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from ..config import SamplingConfig, ScheduleConfig, to_dict
+from ..models.autoencoder import AutoencoderKL
+from ..models.text_encoder import TextEncoder
+from ..models.unet import UNet
+from ..pipeline import Text2ImagePipeline
+from ..stages import stage_record
+from .mapping import state_hash
+
+
+class ContextMaskWarning(UserWarning):
+    """An exported pipeline masks padding tokens out of cross-attention, which SD tools do not do."""
+
+
+def assemble_pipeline(autoencoder: AutoencoderKL, text_encoder: TextEncoder, unet: UNet, *, prediction: str,
+                      schedule: ScheduleConfig, sampling: SamplingConfig, image_size: int, source: str | Path,
+                      context_mask: bool = False) -> Text2ImagePipeline:
+    """The pipeline of three converted stages; SD attends to every token, padding included (context_mask=False)."""
+    stages = {}
+    for name, module in (("autoencoder", autoencoder), ("text_encoder", text_encoder)):
+        module.weights_hash = state_hash(module.state_dict())  # their identity, as from_pretrained would set
+        stages[name] = stage_record(name, module, source, source, module.weights_hash)
+    unet.metadata = {"stages": stages, "prediction": prediction, "schedule": to_dict(schedule),
+                     "sampling": to_dict(sampling), "image_size": image_size, "context_mask": context_mask,
+                     "converted_from": str(source)}
+    return Text2ImagePipeline.from_stages(autoencoder.eval(), text_encoder.eval(), unet.eval())
+
+
+def warn_if_masked(pipe: Text2ImagePipeline, target: str) -> None:
+    if pipe.record.context_mask:
+        warnings.warn(f"this pipeline hides padding tokens from the UNet (it was trained so); {target} readers "
+                      f"other than latentdiff attend to every token, so their images will differ from ours",
+                      ContextMaskWarning, stacklevel=3)

@@ -1,0 +1,85 @@
+"""`latentdiff quickstart`: train all three stages on the built-in shapes data with the CPU presets,
+then draw a grid of images for a fixed set of prompts.
+
+A stage that already finished is skipped and one that was interrupted is resumed, so running the
+command again after a crash continues where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from torchvision.utils import make_grid
+
+from .config import AutoencoderTrainingConfig, DiffusionTrainingConfig, TextEncoderTrainingConfig, apply_overrides
+from .data.images import pil_to_tensor, tensor_to_pil
+from .pipeline import Text2ImagePipeline
+from .train.autoencoder import train_autoencoder
+from .train.diffusion import train_diffusion
+from .train.loop import completed_steps
+from .train.text_encoder import train_text_encoder
+
+PROMPTS = (
+    "a red circle in the top left",
+    "a blue square in the center",
+    "a green triangle at the bottom right",
+    "a yellow star on the left",
+    "a purple diamond at the top",
+    "two orange crosses",
+    "a pink circle above a cyan square",
+    "a blue triangle to the left of a yellow diamond",
+)
+SEEDS_PER_PROMPT = 4
+
+
+def add_quickstart_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="weights", help="folder for the three stages and the grid (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", help="torch device for the final sampling (default: %(default)s)")
+
+
+def run_stage(name: str, train, cfg, folder: Path) -> float | None:
+    """Train one stage unless it already finished; returns the minutes it took (None when skipped)."""
+    done = completed_steps(folder)
+    if done >= cfg.train.steps:
+        print(f"[quickstart] {name}: already trained ({done} steps) in {folder}, skipping")
+        return None
+    print(f"[quickstart] {name}: {'resuming at step ' + str(done) if done else 'training'} "
+          f"({cfg.train.steps} steps) into {folder}")
+    start = time.time()
+    train(cfg, folder, resume=done > 0)
+    return (time.time() - start) / 60
+
+
+def draw_grid(pipeline_dir: Path, path: Path, device: str) -> None:
+    """One row per prompt, SEEDS_PER_PROMPT columns (seeds 0, 1, ...)."""
+    pipe = Text2ImagePipeline.from_pretrained(pipeline_dir).to(device)
+    result = pipe(list(PROMPTS), num_images_per_prompt=SEEDS_PER_PROMPT, seed=0)
+    tiles = torch.stack([pil_to_tensor(image) for image in result.images])  # (N, 3, H, W)
+    tensor_to_pil(make_grid(tiles, nrow=SEEDS_PER_PROMPT, padding=2, pad_value=1.0)).save(path)
+
+
+def quickstart_plan(root: Path) -> list[tuple[str, object, object]]:
+    """(stage folder name, trainer, config) for the three stages, in training order: the CPU presets."""
+    diffusion_cfg = apply_overrides(DiffusionTrainingConfig(), {
+        "autoencoder": str(root / "autoencoder"), "text_encoder": str(root / "text_encoder")})
+    return [("autoencoder", train_autoencoder, AutoencoderTrainingConfig()),
+            ("text_encoder", train_text_encoder, TextEncoderTrainingConfig()),
+            ("diffusion", train_diffusion, diffusion_cfg)]
+
+
+def run_quickstart(args: argparse.Namespace) -> dict[str, float | None]:
+    root = Path(args.out)
+    start = time.time()
+    minutes = {name: run_stage(name, train, cfg, root / name) for name, train, cfg in quickstart_plan(root)}
+    grid = root / "quickstart_grid.png"
+    draw_grid(root / "diffusion", grid, args.device)
+    minutes["total"] = (time.time() - start) / 60
+    print("[quickstart] done in {:.1f} min ({})".format(minutes["total"], ", ".join(
+        f"{name} {m:.1f} min" if m is not None else f"{name} skipped"
+        for name, m in minutes.items() if name != "total")))
+    print(f"[quickstart] stages: {root / 'autoencoder'}, {root / 'text_encoder'}, {root / 'diffusion'}")
+    print(f"[quickstart] grid of {len(PROMPTS)} prompts x {SEEDS_PER_PROMPT} seeds: {grid}")
+    print(f'[quickstart] try: latentdiff generate "a red circle in the top left" --pipeline {root / "diffusion"} --n 4')
+    return minutes

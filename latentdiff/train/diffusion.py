@@ -1,0 +1,146 @@
+"""Stage 3: train the UNet on the latents of the frozen autoencoder, conditioned on the frozen text encoder.
+
+    latentdiff train-diffusion --autoencoder DIR --text-encoder DIR [--config FILE] [--out DIR] [--steps N] [k=v ...]
+
+Images and captions are encoded once into a latent + text cache (latent_cache.py); each step draws
+z = (mean + std·ε)·scale_factor from the cached posterior, replaces a `objective.cond_dropout` share of the
+captions by the empty prompt (so that classifier-free guidance works), and takes a DiffusionLoss step.
+Every `train.sample_every` steps the pipeline draws a preview grid of `preview_prompts` (one row each).
+The exported UNet records the stages it was trained with and its sampling defaults (stages.py).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torchvision.utils import make_grid, save_image
+
+from ..config import DiffusionTrainingConfig
+from ..data import build_dataset
+from ..diffusion import DiffusionLoss, NoiseSchedule, drop_conditioning
+from ..errors import ConfigError
+from ..models.autoencoder import AutoencoderKL
+from ..models.text_encoder import TextEncoder
+from ..models.unet import UNet
+from ..pipeline import Text2ImagePipeline, check_sampler
+from ..stages import UNetRecord, check_run_stages, stage_records, training_record
+from .latent_cache import LatentCache, cache_key, load_or_build_cache
+from .loop import TrainingRun
+
+METRICS = ["loss", "grad_norm", "lr"]
+
+
+def load_frozen_stages(cfg: DiffusionTrainingConfig) -> tuple[AutoencoderKL, TextEncoder]:
+    """The trained autoencoder and text encoder named by the config, in eval mode without gradients."""
+    for name, flag in (("autoencoder", "--autoencoder"), ("text_encoder", "--text-encoder")):
+        if not getattr(cfg, name):
+            raise ConfigError(f"train-diffusion needs the trained {name.replace('_', ' ')}: {flag} DIR")
+    autoencoder = AutoencoderKL.from_pretrained(cfg.autoencoder)
+    text_encoder = TextEncoder.from_pretrained(cfg.text_encoder)
+    for module in (autoencoder, text_encoder):
+        module.eval().requires_grad_(False)
+    return autoencoder, text_encoder
+
+
+def check_fits(cfg: DiffusionTrainingConfig, autoencoder: AutoencoderKL, text_encoder: TextEncoder) -> None:
+    """The UNet config must fit the frozen stages and the image size; the preview sampler must exist."""
+    model, z = cfg.model, autoencoder.config.z_channels
+    if model.context_dim != text_encoder.width:
+        raise ConfigError(f"model.context_dim is {model.context_dim} but the text encoder at {cfg.text_encoder} "
+                          f"makes states {text_encoder.width} wide; set model.context_dim={text_encoder.width}")
+    if model.in_channels != z or model.out_channels != z:
+        raise ConfigError(f"model.in_channels/out_channels are {model.in_channels}/{model.out_channels} but the "
+                          f"autoencoder at {cfg.autoencoder} has {z} latent channels; set both to {z}")
+    f = autoencoder.downsample_factor
+    if cfg.data.size % (f * model.downsample_factor):
+        raise ConfigError(f"data.size {cfg.data.size} is not a multiple of {f * model.downsample_factor} (the "
+                          f"autoencoder's factor {f} times the UNet's {model.downsample_factor})")
+    check_sampler(cfg.sampling.sampler)
+
+
+def step_generator(seed: int, step: int, process: int) -> torch.Generator:
+    """This step's randomness (timesteps, noise, posterior samples, dropout), a function of (seed, step, process),
+    so a resumed run draws exactly what an uninterrupted one would, on any device."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + process)
+
+
+def sample_latents(batch: dict, scale_factor: float, generator: torch.Generator) -> torch.Tensor:
+    """(B, C, h, w) z = (mean + std·ε)·scale_factor from the cached posterior of each image."""
+    mean, std = batch["mean"], batch["std"]
+    noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+    return (mean + std * noise) * scale_factor
+
+
+def save_preview(pipeline: Text2ImagePipeline, cfg: DiffusionTrainingConfig, path: Path) -> None:
+    """One row per preview prompt, `preview_images` seeds per row (the same seeds every time)."""
+    n = cfg.preview_images
+    was_training = pipeline.unet.training
+    pipeline.unet.eval()
+    out = pipeline(list(cfg.preview_prompts), num_images_per_prompt=n, seed=0, output_type="pt")
+    pipeline.unet.train(was_training)
+    save_image(make_grid(out.images, nrow=n, padding=1, pad_value=0.5), path)
+
+
+def train_diffusion(cfg: DiffusionTrainingConfig, out_dir: str | Path, resume: bool = False) -> dict:
+    """Train and checkpoint a text-conditioned UNet into `out_dir`; returns the final measurements."""
+    autoencoder, text_encoder = load_frozen_stages(cfg)
+    check_fits(cfg, autoencoder, text_encoder)
+    run = TrainingRun(out_dir, cfg, cfg.train, resume=resume, metrics=METRICS)
+    unet = UNet(cfg.model)  # first after TrainingRun seeds the global RNG: the same init on every (re)start
+    unet, optimizer = run.track("unet", unet, torch.optim.AdamW(
+        unet.parameters(), lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay))
+    autoencoder.to(run.device)
+    text_encoder.to(run.device)
+    stages = stage_records(autoencoder, cfg.autoencoder, text_encoder, cfg.text_encoder, run.out_dir)
+    if run.resume_from is not None:
+        check_run_stages(run.resume_from, stages)
+    record = training_record(cfg, stages)
+
+    dataset = build_dataset(cfg.data, "train")
+    key = cache_key(cfg.data, dataset, stages["autoencoder"]["weights_hash"],
+                    stages["text_encoder"]["weights_hash"], text_encoder)
+    cache_root = Path(cfg.cache_dir) if cfg.cache_dir else run.out_dir.parent / "latent_cache"
+    with run.accelerator.main_process_first():
+        cache: LatentCache = load_or_build_cache(cache_root, dataset, key, autoencoder, text_encoder,
+                                                 batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers,
+                                                 log=run.print, progress=run.is_main)
+    cache.to(run.device)
+    uncond = cache.unconditional()
+
+    run.use_ema("unet")
+    objective = DiffusionLoss(NoiseSchedule.from_config(cfg.schedule), cfg.objective)
+    scale_factor = autoencoder.config.scale_factor
+    results: dict = {}
+
+    def export(folder: Path) -> None:
+        run.exported_module("unet").save_pretrained(folder, metadata={**record, "step": step + 1, **results})
+
+    start = time.time()
+    for step, micro_batches in run.steps(cache):
+        run.set_lr(optimizer, cfg.train.lr, step)
+        generator = step_generator(cfg.train.seed, step, run.accelerator.process_index)
+        for batch in micro_batches:
+            z = sample_latents(batch, scale_factor, generator)
+            states, mask = cache.text(batch["caption"])
+            cond = drop_conditioning({"context": states, "context_mask": mask}, uncond, cfg.objective.cond_dropout,
+                                     generator)
+            with run.accelerator.autocast():
+                loss = objective(unet, z, cond, generator)
+            run.backward(loss)
+        logs = {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
+                "grad_norm": run.clip_and_step(optimizer, unet)}
+        run.update_ema()
+        run.log(step, logs)
+        if run.is_main and cfg.preview_images and cfg.preview_prompts and run.due(step, cfg.train.sample_every):
+            pipeline = Text2ImagePipeline(autoencoder, text_encoder, run.exported_module("unet"),
+                                          UNetRecord.from_metadata(record, run.out_dir))
+            save_preview(pipeline, cfg, run.samples_dir / f"preview-{step + 1:07d}.png")
+        if step + 1 == cfg.train.steps:
+            results.update(final_loss=round(logs["loss"], 5), train_minutes=round((time.time() - start) / 60, 2))
+        run.maybe_checkpoint(step, export)
+    if results:
+        run.print(f"trained {cfg.train.steps} steps in {results['train_minutes']} min; saved to {run.out_dir}")
+    else:
+        run.print(f"nothing to do: {run.out_dir} already finished {cfg.train.steps} steps")
+    return results

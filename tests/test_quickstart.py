@@ -1,0 +1,36 @@
+"""`latentdiff quickstart` on tiny presets: trains the three stages, draws the grid, skips finished stages."""
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from test_train_autoencoder import TINY as TINY_AE
+from test_train_text_encoder import TINY as TINY_TE
+from tiny_stages import TINY_TRAINING
+
+from latentdiff import quickstart
+from latentdiff.cli import main
+from latentdiff.config import AutoencoderTrainingConfig, DiffusionTrainingConfig, TextEncoderTrainingConfig, apply_overrides
+from latentdiff.train.loop import completed_steps
+
+
+def tiny_plan(root: Path):
+    diffusion = apply_overrides(DiffusionTrainingConfig(), TINY_TRAINING + [
+        f"autoencoder={root / 'autoencoder'}", f"text_encoder={root / 'text_encoder'}", "train.steps=4"])
+    return [("autoencoder", quickstart.train_autoencoder, apply_overrides(AutoencoderTrainingConfig(), TINY_AE)),
+            ("text_encoder", quickstart.train_text_encoder, apply_overrides(TextEncoderTrainingConfig(), TINY_TE)),
+            ("diffusion", quickstart.train_diffusion, diffusion)]
+
+
+def test_quickstart_trains_everything_then_skips_what_is_done(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(quickstart, "quickstart_plan", tiny_plan)
+    assert main(["quickstart", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    grid = Image.open(tmp_path / "quickstart_grid.png")
+    rows, cols = len(quickstart.PROMPTS), quickstart.SEEDS_PER_PROMPT
+    assert grid.size == (2 + cols * (16 + 2), 2 + rows * (16 + 2))
+    assert [completed_steps(tmp_path / n) for n in ("autoencoder", "text_encoder", "diffusion")] == [6, 6, 4]
+    assert str(tmp_path / "quickstart_grid.png") in out
+
+    assert main(["quickstart", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("already trained") == 3
