@@ -501,6 +501,7 @@ class SamplingConfig:
 class DiffusionTrainingConfig:
     autoencoder: str = ""             # trained stage-1 folder (--autoencoder); frozen, encodes images to latents
     text_encoder: str = ""            # trained stage-2 folder (--text-encoder); frozen, encodes captions
+    text_layer: str = ""              # text states the UNet reads: "last", "penultimate" ("" = the text encoder's own)
     model: UNetConfig = field(default_factory=lambda: UNetConfig(
         model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1), num_heads=4))
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -517,5 +518,6 @@ class DiffusionTrainingConfig:
     cache_dir: str = ""               # latent + text cache root ("" = latent_cache/ beside the run folder)
 
     def __post_init__(self):
+        _check_choice("text_layer", self.text_layer, ("", "last", "penultimate"))
         if self.preview_images < 0:
             raise ConfigError(f"preview_images: must be at least 0, got {self.preview_images}")

@@ -115,7 +115,7 @@ class ImageEditingMixin:
 
     def _denoise_from(self, known: torch.Tensor, request, strength: float, callback, keep: torch.Tensor | None):
         """Noise `known` to the sigma where `strength` of the schedule remains, then sample down to 0."""
-        sigmas = self.schedule.sampling_sigmas(request.steps, self.sampling.spacing)
+        sigmas = self.sigmas(request.steps)
         start = request.steps - int(round(request.steps * strength))
         sigmas = sigmas[start:].to(self.device)  # strength 0 leaves [0]: no step, the latent is returned as is
         noise = randn_per_sample(known.shape, request.generators, dtype=known.dtype, device=self.device)

@@ -28,6 +28,7 @@ import torch
 from .checkpoint import CONFIG_NAME, FORMAT_VERSION, atomic_directory, atomic_write_json
 from .config import SamplingConfig, apply_overrides, from_dict, to_dict
 from .data.images import tensor_to_pil
+from .editing import ImageEditingMixin
 from .diffusion import Denoiser, NoiseSchedule
 from .errors import CheckpointError, ConfigError
 from .guidance import CFGDenoiser
@@ -51,6 +52,19 @@ class Text2ImageOutput:
     seeds: list[int] | None  # None when the caller passed generators
 
 
+@dataclass
+class GenerationRequest:
+    """A checked request: one prompt, seed and generator per image, the sampling settings, the encoded cond."""
+    prompts: list[str]
+    seeds: list[int] | None
+    generators: list[torch.Generator]
+    steps: int
+    guidance_scale: float
+    sampler: str
+    output_type: str
+    cond: dict[str, torch.Tensor]
+
+
 def check_sampler(name: str) -> None:
     if name not in SAMPLERS:
         raise ConfigError(f"unknown sampler {name!r} (known: {', '.join(SAMPLERS)})")
@@ -63,7 +77,7 @@ def _as_list(value: str | Sequence[str], what: str) -> list[str]:
     return items
 
 
-class Text2ImagePipeline:
+class Text2ImagePipeline(ImageEditingMixin):
     """Autoencoder + text encoder + UNet, and how to sample from the UNet (`record`: see stages.UNetRecord)."""
 
     def __init__(self, autoencoder: AutoencoderKL, text_encoder: TextEncoder, unet: UNet, record: UNetRecord):
@@ -79,13 +93,14 @@ class Text2ImagePipeline:
                     unet: UNet | str | Path, *, check: bool = True) -> "Text2ImagePipeline":
         """Three stages, each a loaded module or a folder; refused (CheckpointError) if they do not belong together."""
         paths = {}
-        if not isinstance(autoencoder, torch.nn.Module):
-            paths["autoencoder"], autoencoder = autoencoder, AutoencoderKL.from_pretrained(autoencoder)
-        if not isinstance(text_encoder, torch.nn.Module):
-            paths["text_encoder"], text_encoder = text_encoder, TextEncoder.from_pretrained(text_encoder)
         if not isinstance(unet, torch.nn.Module):
             paths["unet"], unet = unet, UNet.from_pretrained(unet)
         record = UNetRecord.from_metadata(getattr(unet, "metadata", {}), paths.get("unet", "unet"))
+        if not isinstance(autoencoder, torch.nn.Module):
+            paths["autoencoder"], autoencoder = autoencoder, AutoencoderKL.from_pretrained(autoencoder)
+        if not isinstance(text_encoder, torch.nn.Module):  # read out at the layer the UNet was trained on
+            paths["text_encoder"], text_encoder = text_encoder, TextEncoder.from_pretrained(
+                text_encoder, output_layer=record.stages["text_encoder"].get("output_layer"))
         if check:
             check_stages(record, unet, autoencoder, text_encoder, autoencoder_path=paths.get("autoencoder"),
                          text_encoder_path=paths.get("text_encoder"))
@@ -225,10 +240,14 @@ class Text2ImagePipeline:
         return cond
 
     def denoise(self, x: torch.Tensor, sigmas: torch.Tensor, cond: dict, *, guidance_scale: float, sampler: str,
-                generators: list[torch.Generator], callback: Callable | None = None) -> torch.Tensor:
-        """Run `sampler` from x (sigma space, at sigmas[0]) down to sigma = 0; returns the scaled latents."""
+                generators: list[torch.Generator], callback: Callable | None = None,
+                wrap: Callable | None = None) -> torch.Tensor:
+        """Run `sampler` from x (sigma space, at sigmas[0]) down to sigma = 0; returns the scaled latents.
+        `wrap(denoiser) -> denoiser` adapts the (guided) denoiser, e.g. for inpainting."""
         check_sampler(sampler)
         denoiser = self.denoiser if guidance_scale == 1 else CFGDenoiser(self.denoiser, guidance_scale)
+        if wrap is not None:
+            denoiser = wrap(denoiser)
         return SAMPLERS[sampler](denoiser, x, sigmas, cond=cond, generator=generators, callback=callback)
 
     @torch.no_grad()
@@ -250,6 +269,47 @@ class Text2ImagePipeline:
 
     # -- text to image --------------------------------------------------------------------------
 
+    def prepare(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None,
+                num_images_per_prompt: int, seed: int | Sequence[int] | None,
+                generator: torch.Generator | Sequence[torch.Generator] | None, num_inference_steps: int | None,
+                guidance_scale: float | None, sampler: str | None, output_type: str) -> "GenerationRequest":
+        """Check a request's arguments, fill in the sampling defaults, make the generators, encode the prompts."""
+        prompts = _as_list(prompt, "prompt")
+        negatives = None if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
+        if negatives is not None and len(negatives) == 1:
+            negatives = negatives * len(prompts)
+        if negatives is not None and len(negatives) != len(prompts):
+            raise ConfigError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
+        if num_images_per_prompt < 1:
+            raise ConfigError(f"num_images_per_prompt: must be at least 1, got {num_images_per_prompt}")
+        if output_type not in OUTPUT_TYPES:
+            raise ConfigError(f"output_type {output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
+        defaults = self.sampling
+        steps = defaults.steps if num_inference_steps is None else num_inference_steps
+        if steps < 1:
+            raise ConfigError(f"num_inference_steps: must be at least 1, got {steps}")
+        scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
+        sampler = sampler or defaults.sampler
+        check_sampler(sampler)
+        per_image = [p for p in prompts for _ in range(num_images_per_prompt)]
+        negative_per_image = None if negatives is None else [n for n in negatives for _ in range(num_images_per_prompt)]
+        generators, seeds = self.generators(len(per_image), seed, generator)
+        return GenerationRequest(per_image, seeds, generators, steps, scale, sampler, output_type,
+                                 self.encode_prompts(per_image, negative_per_image, scale))
+
+    def sigmas(self, steps: int) -> torch.Tensor:
+        """The sampling sigma sequence for `steps` steps under the pipeline's spacing, ending in 0."""
+        defaults = self.sampling
+        return self.schedule.sampling_sigmas(steps, defaults.spacing, defaults.steps_offset)
+
+    def finish(self, latents: torch.Tensor, request: "GenerationRequest",
+               images: torch.Tensor | None = None) -> Text2ImageOutput:
+        """Decode (unless `images` are given or latents were asked for) and format the result."""
+        if request.output_type == "latent":
+            return Text2ImageOutput(latents, request.prompts, request.seeds)
+        images = self.decode_latents(latents) if images is None else images
+        return Text2ImageOutput(self.format_images(images, request.output_type), request.prompts, request.seeds)
+
     @torch.no_grad()
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
@@ -263,33 +323,12 @@ class Text2ImagePipeline:
         seed: image k uses seed + k (or seed[k]); generator: one torch.Generator per image instead.
         callback(dict(i, x, sigma, denoised)) is called once per step.
         """
-        prompts = _as_list(prompt, "prompt")
-        negatives = None if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
-        if negatives is not None and len(negatives) == 1:
-            negatives = negatives * len(prompts)
-        if negatives is not None and len(negatives) != len(prompts):
-            raise ConfigError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
-        if num_images_per_prompt < 1:
-            raise ConfigError(f"num_images_per_prompt: must be at least 1, got {num_images_per_prompt}")
-        if output_type not in OUTPUT_TYPES:
-            raise ConfigError(f"output_type {output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
-        defaults = self.sampling
-        steps = defaults.steps if num_inference_steps is None else num_inference_steps
-        scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
-        sampler = sampler or defaults.sampler
-        check_sampler(sampler)
-
-        per_image = [p for p in prompts for _ in range(num_images_per_prompt)]
-        negative_per_image = None if negatives is None else [n for n in negatives for _ in range(num_images_per_prompt)]
-        shape = self.latent_shape(len(per_image), height, width)
-        generators, seeds = self.generators(len(per_image), seed, generator)
-        sigmas = self.schedule.sampling_sigmas(steps, defaults.spacing, defaults.steps_offset)
-        cond = self.encode_prompts(per_image, negative_per_image, scale)
-        x = initial_latent(shape, sigmas, generators, dtype=self.dtype, device=self.device)
-        latents = self.denoise(x, sigmas, cond, guidance_scale=scale, sampler=sampler, generators=generators,
-                               callback=callback)
-        if output_type == "latent":
-            return Text2ImageOutput(latents, per_image, seeds)
-        images = self.format_images(self.decode_latents(latents), output_type)
-        return Text2ImageOutput(images, per_image, seeds)
-
+        self.latent_shape(1, height, width)  # a bad size is refused before the prompts are encoded
+        request = self.prepare(prompt, negative_prompt, num_images_per_prompt, seed, generator,
+                               num_inference_steps, guidance_scale, sampler, output_type)
+        shape = self.latent_shape(len(request.prompts), height, width)
+        sigmas = self.sigmas(request.steps)
+        x = initial_latent(shape, sigmas, request.generators, dtype=self.dtype, device=self.device)
+        latents = self.denoise(x, sigmas, request.cond, guidance_scale=request.guidance_scale,
+                               sampler=request.sampler, generators=request.generators, callback=callback)
+        return self.finish(latents, request)

@@ -14,8 +14,7 @@ from safetensors.torch import load_file, save_file
 from tiny_sd import CONFIGS, CONTEXT, IMAGE, LATENT, diffusers_pipeline, initial_noise, load_reference, \
     save_diffusers_pipeline
 
-from latentdiff.convert import load_diffusers, save_diffusers
-from latentdiff.convert.assemble import ContextMaskWarning
+from latentdiff.convert import ContextMaskWarning, load_diffusers, save_diffusers
 from latentdiff.convert.scheduler_config import schedule_from_diffusers
 from latentdiff.errors import CheckpointError
 from latentdiff.pipeline import Text2ImagePipeline
@@ -147,10 +146,10 @@ def test_export_loads_in_diffusers_and_round_trips_exactly(folder, imported, tmp
     np.testing.assert_allclose(generate_ours(pipe, seed=3), theirs, atol=1e-3, rtol=0)
     # and it comes back exactly
     back = load_diffusers(tmp_path / "exported")
-    for ours, again in ((pipe.unet, back.unet), (pipe.autoencoder, back.autoencoder), (pipe.text_encoder, back.text_encoder)):
-        mine, yours = ours.state_dict(), again.state_dict()
+    for part in ("unet", "autoencoder", "text_encoder"):
+        mine, yours = getattr(pipe, part).state_dict(), getattr(back, part).state_dict()
         assert mine.keys() == yours.keys() and all(torch.equal(mine[k], yours[k]) for k in mine)
-    assert back.record == pipe.record.__class__(**{**vars(pipe.record), "stages": back.record.stages})
+    assert back.record == dataclasses.replace(pipe.record, stages=back.record.stages)  # stages: other paths
     assert np.array_equal(generate_ours(back, seed=3), generate_ours(pipe, seed=3))
 
 
@@ -163,8 +162,8 @@ def test_own_pipeline_with_open_clip_exports_to_diffusers(tmp_path):
     stages = save_stages(tmp_path / "stages")
     pipe = Text2ImagePipeline.from_pretrained(stages["unet"])
     pipe.text_encoder.output_layer = "penultimate"
-    pipe.record = dataclasses.replace(pipe.record, context_mask=False,
-                                      sampling=apply_overrides(pipe.sampling, {"sampler": "ddim", "spacing": "trailing"}))
+    sampling = apply_overrides(pipe.sampling, {"sampler": "ddim", "spacing": "trailing"})
+    pipe.record = dataclasses.replace(pipe.record, context_mask=False, sampling=sampling)
     save_diffusers(pipe, tmp_path / "exported")
     reference = load_reference(tmp_path / "exported")
     assert reference.text_encoder.config.num_hidden_layers == len(pipe.text_encoder.clip.transformer.resblocks) - 1

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from latentdiff.config import AutoencoderConfig, SamplingConfig, ScheduleConfig, TextEncoderConfig, UNetConfig
+from latentdiff.config import AutoencoderConfig, SamplingConfig, ScheduleConfig, TextEncoderConfig
 from latentdiff.convert import detect_format
 from latentdiff.convert.mapping import check_fixed, rename, state_hash
 from latentdiff.convert.scheduler_config import SAMPLER_SCHEDULERS, schedule_from_diffusers, schedule_to_diffusers
@@ -19,9 +19,9 @@ from latentdiff.convert.sd_variants import SD_VARIANTS, infer_autoencoder_config
     infer_transformers_text_config, infer_unet_config
 from latentdiff.convert.text_encoder_keys import identity_block, open_clip_to_transformers, \
     transformers_config_for_open_clip, transformers_to_open_clip
-from latentdiff.convert.unet_keys import unet_config_from_diffusers, unet_config_to_diffusers
+from latentdiff.convert.unet_keys import unet_config_from_diffusers, unet_config_to_diffusers, unet_key_map
 from latentdiff.convert.vae_keys import vae_config_from_diffusers, vae_config_to_diffusers, vae_from_diffusers, \
-    vae_to_diffusers
+    vae_key_map, vae_to_diffusers
 from latentdiff.errors import CheckpointError
 from latentdiff.models.autoencoder import AutoencoderKL
 from latentdiff.models.text_encoder_openclip import OpenCLIPTextEncoder
@@ -52,7 +52,8 @@ def test_autoencoder_matches_diffusers(cfg):
     theirs.load_state_dict(vae_to_diffusers(ours.state_dict(), cfg), strict=True)
     assert vae_config_from_diffusers(dict(theirs.config), "vae") == cfg
     back = vae_from_diffusers(theirs.state_dict(), cfg, "vae")
-    assert all(torch.equal(back[k], v) for k, v in ours.state_dict().items()) and back.keys() == ours.state_dict().keys()
+    own = ours.state_dict()
+    assert back.keys() == own.keys() and all(torch.equal(back[k], v) for k, v in own.items())
     images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
         posterior, dist = ours.encode(images), theirs.encode(images).latent_dist
@@ -156,7 +157,8 @@ def test_sd_release_scheduler_configs():
     with pytest.raises(CheckpointError, match="trained_betas"):
         schedule_from_diffusers({**sd15, "trained_betas": [0.1] * 1000}, "x")
     with pytest.raises(CheckpointError, match="algorithm_type"):
-        schedule_from_diffusers({"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++"}, "x")
+        schedule_from_diffusers({"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++"},
+                                "x")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,7 +167,7 @@ def test_sd_release_scheduler_configs():
 
 SD15_UNET = {"_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
              "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False, "cross_attention_dim": 768,
-             "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+             "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
              "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
              "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4,
              "sample_size": 64, "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
@@ -192,6 +194,31 @@ def test_sd_unets_from_configs_and_from_shapes(variant, diffusers_config):
     written = unet_config_to_diffusers(cfg, sample_size)
     assert {k: written[k] for k in diffusers_config if k != "attention_head_dim"} == \
         {k: v for k, v in diffusers_config.items() if k != "attention_head_dim"}
+
+
+@pytest.mark.parametrize("diffusers_config", [SD15_UNET, SD21_UNET], ids=["sd15", "sd21"])
+def test_full_size_layouts_agree_with_diffusers_own_converters(diffusers_config):
+    """diffusers' single-file converters, run on our SD-sized UNet and autoencoder in the CompVis layout (meta
+    tensors), put every tensor where our tables do, with the shapes diffusers' models have."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    cfg, _ = unet_config_from_diffusers(diffusers_config, "unet")
+    ours = {"model.diffusion_model." + k: v for k, v in meta_state(UNet, cfg).items()}
+    with torch.device("meta"):
+        reference = diffusers.UNet2DConditionModel(**{k: v for k, v in diffusers_config.items()
+                                                      if not k.startswith("_")}).state_dict()
+    converted = convert_ldm_unet_checkpoint(ours, dict(diffusers_config))
+    assert converted.keys() == reference.keys() and all(converted[k].shape == reference[k].shape for k in reference)
+    assert all(converted[theirs] is ours["model.diffusion_model." + mine] for mine, theirs in unet_key_map(cfg).items())
+
+    vae = AutoencoderConfig(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, norm_groups=32, resolution=512)
+    vae_config = vae_config_to_diffusers(vae)
+    ours = {"first_stage_model." + k: v for k, v in meta_state(AutoencoderKL, vae).items()}
+    with torch.device("meta"):
+        reference = diffusers.AutoencoderKL(**{k: v for k, v in vae_config.items() if not k.startswith("_")}).state_dict()
+    converted = convert_ldm_vae_checkpoint(ours, vae_config)
+    assert converted.keys() == reference.keys() and all(converted[k].shape == reference[k].shape for k in reference)
+    assert converted.keys() == set(vae_key_map(vae).values())
 
 
 def test_unsupported_unet_configs_are_named():

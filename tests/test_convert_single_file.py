@@ -4,6 +4,7 @@ and the `latentdiff convert` command. Tiny random pipelines from tests/tiny_sd.p
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,8 @@ from safetensors.torch import load_file, save_file
 from tiny_sd import CONTEXT, IMAGE, LATENT, diffusers_pipeline, initial_noise
 
 from latentdiff.cli import main
-from latentdiff.convert import SkippedWeightsWarning, convert, load_diffusers, load_single_file, save_single_file
-from latentdiff.convert.assemble import ContextMaskWarning
+from latentdiff.convert import ContextMaskWarning, SkippedWeightsWarning, load_diffusers, load_single_file, \
+    save_single_file
 from latentdiff.errors import CheckpointError
 from latentdiff.pipeline import Text2ImagePipeline
 
@@ -91,8 +92,9 @@ def test_export_is_the_compvis_layout(case):
     expected = {"model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.time_embed.0.weight",
                 "model.diffusion_model.input_blocks.1.0.in_layers.2.weight", "model.diffusion_model.out.2.weight",
                 "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight",
-                "first_stage_model.encoder.down.0.block.0.conv1.weight", "first_stage_model.decoder.up.0.block.0.norm1.weight",
-                "first_stage_model.quant_conv.weight", "first_stage_model.post_quant_conv.weight", "alphas_cumprod", "betas"}
+                "first_stage_model.encoder.down.0.block.0.conv1.weight", "first_stage_model.quant_conv.weight",
+                "first_stage_model.decoder.up.0.block.0.norm1.weight", "first_stage_model.post_quant_conv.weight",
+                "alphas_cumprod", "betas"}
     text = {"sd1": "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
             "deep": "cond_stage_model.transformer.text_model.final_layer_norm.weight",
             "sd2": "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"}[name]
@@ -128,7 +130,8 @@ def test_sd2_text_tower_is_what_sd2_reads(cases):
                                                                    if k.startswith("transformer.resblocks."))
     model = open_clip.CLIP(state["text_projection"].shape[1],
                            dict(image_size=16, patch_size=8, width=32, layers=1, head_width=16),
-                           dict(context_length=CONTEXT, vocab_size=49408, width=width, heads=width // 64, layers=layers))
+                           dict(context_length=CONTEXT, vocab_size=49408, width=width, heads=width // 64,
+                                layers=layers))
     del model.visual
     model.load_state_dict(state, strict=True)
     ids = reference.tokenizer(PROMPTS, padding="max_length", max_length=CONTEXT, return_tensors="pt").input_ids
@@ -215,11 +218,11 @@ def test_own_pipeline_round_trip(tmp_path):
 def test_what_does_not_fit_is_refused_and_named(cases, tmp_path):
     path = cases("sd1").path
     state = load_file(path)
-    save_file({**state, "model.diffusion_model.label_emb.0.0.weight": torch.zeros(2), "cond_stage_model.proj": torch.zeros(1)},
-              tmp_path / "extra.safetensors")
+    label_emb = {"model.diffusion_model.label_emb.0.0.weight": torch.zeros(2)}  # a class-conditional UNet's
+    save_file({**state, **label_emb, "cond_stage_model.proj": torch.zeros(1)}, tmp_path / "extra.safetensors")
     with pytest.raises(CheckpointError, match=r"no Stable Diffusion stage: \[cond_stage_model.proj\]"):
         load_single_file(tmp_path / "extra.safetensors")
-    save_file({**state, "model.diffusion_model.label_emb.0.0.weight": torch.zeros(2)}, tmp_path / "extra.safetensors")
+    save_file({**state, **label_emb}, tmp_path / "extra.safetensors")
     with pytest.raises(CheckpointError, match=r"unexpected keys \[label_emb.0.0.weight\]"):
         load_single_file(without_metadata(tmp_path / "extra.safetensors", tmp_path / "bare.safetensors"))
     save_file({**state, "alphas_cumprod": state["alphas_cumprod"] ** 1.1}, tmp_path / "schedule.safetensors")
@@ -240,6 +243,22 @@ def test_ema_copy_is_skipped_with_a_warning_and_pickles_need_consent(cases, tmp_
         save_single_file(pipe, tmp_path / "out.ckpt")
 
 
+def test_older_transformers_layout_and_position_ids(cases, tmp_path):
+    """SD 1.x files from older transformers: no text_model. level, and a saved position_ids buffer."""
+    case = cases("sd1")
+    prefix = "cond_stage_model.transformer."
+    state = {k.replace(prefix + "text_model.", prefix): v for k, v in load_file(case.path).items()}
+    save_file({**state, prefix + "embeddings.position_ids": torch.arange(CONTEXT)[None]}, tmp_path / "old.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        back = load_single_file(tmp_path / "old.safetensors")
+    torch.testing.assert_close(back.text_encoder.encode(PROMPTS).states, case.pipe.text_encoder.encode(PROMPTS).states)
+    defect = torch.arange(CONTEXT, dtype=torch.float32)[None] * 0.9  # drifted, as in some merged checkpoints
+    save_file({**state, prefix + "embeddings.position_ids": defect}, tmp_path / "old.safetensors")
+    with pytest.warns(SkippedWeightsWarning, match="position_ids"):
+        load_single_file(tmp_path / "old.safetensors")
+
+
 # ---------------------------------------------------------------------------------------------
 # The command line
 # ---------------------------------------------------------------------------------------------
@@ -251,13 +270,15 @@ def test_convert_command(cases, tmp_path, capsys):
     saved = Text2ImagePipeline.from_pretrained(tmp_path / "ours")
     assert all(torch.equal(v, case.pipe.unet.state_dict()[k]) for k, v in saved.unet.state_dict().items())
     assert saved.text_encoder.output_layer == "penultimate" and saved.sampling == case.pipe.sampling
-    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "half"), "--to", "diffusers", "--dtype", "fp16"]) == 0
+    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "half"), "--to", "diffusers",
+                 "--dtype", "fp16"]) == 0
     assert load_file(tmp_path / "half" / "unet" / "diffusion_pytorch_model.safetensors")["conv_in.weight"].dtype \
         == torch.float16
     sd1 = cases("sd1")  # a transformers text encoder in a latentdiff folder
     assert main(["convert", str(sd1.folder), str(tmp_path / "sd1"), "--to", "latentdiff"]) == 0
     np.testing.assert_array_equal(images(Text2ImagePipeline.from_pretrained(tmp_path / "sd1")), images(sd1.pipe))
-    assert main(["convert", str(case.folder), str(tmp_path / "x.safetensors"), "--to", "single-file", "--variant", "sd1"]) == 2
+    assert main(["convert", str(case.folder), str(tmp_path / "x.safetensors"), "--to", "single-file",
+                 "--variant", "sd1"]) == 2
     assert "only apply to single-file" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "y"), "--to", "diffusers"]) == 2
     assert capsys.readouterr().err.count("\n") == 1

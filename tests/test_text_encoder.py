@@ -5,6 +5,7 @@ Every model here is tiny and random; nothing is downloaded (sockets are blocked 
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import os
 import re
@@ -26,6 +27,7 @@ from latentdiff.checkpoint import save_model_files  # noqa: E402
 from latentdiff.config import ConfigError, TextEncoderConfig, apply_overrides  # noqa: E402
 from latentdiff.errors import CheckpointError  # noqa: E402
 from latentdiff.eval import clip_score, distinct_caption_batches, retrieval_accuracy  # noqa: E402
+from latentdiff.eval.retrieval import shapes_caption_fits  # noqa: E402
 from latentdiff.models.text_encoder import PromptTruncatedWarning, TextEncoder  # noqa: E402
 from latentdiff.models.text_encoder_hf import HFCLIPTextEncoder  # noqa: E402
 from latentdiff.models.text_encoder_openclip import OpenCLIPTextEncoder  # noqa: E402
@@ -369,3 +371,45 @@ def test_distinct_caption_batches_skip_repeats():
     assert [[s["caption"] for s in b] for b in batches] == [["a", "b", "c"], ["b", "d", "e"]]
     with pytest.raises(Exception, match="fewer than 9 distinct captions"):
         distinct_caption_batches(samples, batch_size=9, batches=1)
+
+
+def test_shapes_caption_fits_knows_what_a_caption_leaves_open():
+    from dataclasses import replace
+
+    from latentdiff.data.shapes import ObjectSpec, make_sample
+
+    def single(caption, size, region):
+        return replace(make_sample("single", [ObjectSpec("green", "star", size, region)], rng=0), caption=caption)
+
+    left = single("a green star on the left", "large", "left")
+    right = single("a small green star on the right", "small", "right")
+    anywhere = single("a green star", "large", "center")
+    assert shapes_caption_fits(anywhere, left) and shapes_caption_fits(anywhere, right)
+    assert not shapes_caption_fits(left, right) and not shapes_caption_fits(right, left)
+    assert shapes_caption_fits(left, single("a green star on the left", "small", "left"))  # size left open
+    assert not shapes_caption_fits(right, single("a green star on the right", "large", "right"))
+
+    circle, square = ObjectSpec("red", "circle"), ObjectSpec("blue", "square", "small")
+    above = make_sample("pair", [circle, square], "above", rng=1)
+    below = make_sample("pair", [square, circle], "below", rng=2)  # the same picture, said the other way
+    beside = make_sample("pair", [circle, square], "left of", rng=3)
+    both = make_sample("pair", [square, circle], None, rng=4)
+    assert shapes_caption_fits(above, below) and shapes_caption_fits(below, above)
+    assert not shapes_caption_fits(above, beside)
+    assert shapes_caption_fits(both, above) and shapes_caption_fits(both, beside)
+    swapped = make_sample("pair", [ObjectSpec("blue", "circle"), ObjectSpec("red", "square")], "above", rng=1)
+    assert not shapes_caption_fits(above, swapped) and not shapes_caption_fits(both, swapped)
+
+
+def test_unambiguous_heldout_batches_hold_no_caption_that_fits_another_picture():
+    from latentdiff.data import ShapesDataset
+    from latentdiff.eval.retrieval import shapes_captions_conflict
+
+    dataset = ShapesDataset(size=16, length=400, split="heldout")
+    samples = ({"caption": dataset.sample(i).caption, "truth": dataset.sample(i)} for i in range(len(dataset)))
+    plain = distinct_caption_batches(({"caption": dataset.sample(i).caption, "truth": dataset.sample(i)}
+                                      for i in range(len(dataset))), 32, 2)
+    clear = distinct_caption_batches(samples, 32, 2, shapes_captions_conflict)
+    conflicts = lambda batch: sum(shapes_captions_conflict(a, b) for a, b in itertools.combinations(batch, 2))
+    assert sum(map(conflicts, plain)) > 0  # distinct captions alone still describe the same picture
+    assert sum(map(conflicts, clear)) == 0

@@ -70,7 +70,8 @@ def test_killed_run_resumes_to_the_same_weights(frozen, tmp_path, monkeypatch):
 
 def test_unet_records_what_it_was_trained_with(frozen, tmp_path):
     ae, te = frozen
-    cfg = tiny_training_config(ae, te, "objective.prediction=v", "sampling.guidance_scale=2.5", "train.steps=2")
+    cfg = tiny_training_config(ae, te, "objective.prediction=v", "sampling.guidance_scale=2.5", "train.steps=2",
+                               "text_layer=penultimate")
     train_diffusion(cfg, tmp_path / "run")
     meta = UNet.from_pretrained(tmp_path / "run").metadata
     assert meta["stages"]["autoencoder"]["weights_hash"] == weights_hash(ae)
@@ -79,6 +80,7 @@ def test_unet_records_what_it_was_trained_with(frozen, tmp_path):
     assert meta["stages"]["autoencoder"]["scale_factor"] == AutoencoderKL.from_pretrained(ae).config.scale_factor == 0.8
     assert meta["stages"]["text_encoder"]["weights_hash"] == weights_hash(te)
     assert meta["stages"]["text_encoder"]["width"] == 32
+    assert meta["stages"]["text_encoder"]["output_layer"] == "penultimate"
     assert meta["prediction"] == "v"
     assert meta["schedule"] == to_dict(cfg.schedule)
     assert meta["sampling"] == {"sampler": "dpmpp_2m", "steps": 3, "guidance_scale": 2.5, "spacing": "leading"}
@@ -86,6 +88,7 @@ def test_unet_records_what_it_was_trained_with(frozen, tmp_path):
     # the run folder is a pipeline: the UNet's metadata leads to the other two stages
     pipe = Text2ImagePipeline.from_pretrained(tmp_path / "run")
     assert pipe.record.prediction == "v" and pipe.sampling.guidance_scale == 2.5
+    assert pipe.text_encoder.output_layer == "penultimate"  # read out where the UNet learned to read it
     assert pipe("a red circle", seed=0, output_type="np").images.shape == (1, 16, 16, 3)
 
 

@@ -18,14 +18,15 @@ import torch
 from ..checkpoint import CONFIG_NAME
 from ..errors import CheckpointError
 from ..pipeline import PIPELINE_FILE, Text2ImagePipeline
+from .assemble import ContextMaskWarning
 from .diffusers_format import MODEL_INDEX, load_diffusers, save_diffusers
 from .single_file import SkippedWeightsWarning, load_single_file, save_single_file
 from .weights import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX
 
 FORMATS = ("diffusers", "single-file", "latentdiff")
 
-__all__ = ["FORMATS", "SkippedWeightsWarning", "convert", "detect_format", "load_diffusers", "load_pipeline",
-           "load_single_file", "save_diffusers", "save_pipeline", "save_single_file"]
+__all__ = ["FORMATS", "ContextMaskWarning", "SkippedWeightsWarning", "convert", "detect_format", "load_diffusers",
+           "load_pipeline", "load_single_file", "save_diffusers", "save_pipeline", "save_single_file"]
 
 
 def detect_format(path: str | Path) -> str:
@@ -34,7 +35,8 @@ def detect_format(path: str | Path) -> str:
     if path.is_file():
         if path.suffix.lower() in (SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES):
             return "single-file"
-        raise CheckpointError(f"{path}: not a checkpoint file (expected {SAFETENSORS_SUFFIX} or {', '.join(PICKLE_SUFFIXES)})")
+        raise CheckpointError(f"{path}: not a checkpoint file (expected {SAFETENSORS_SUFFIX} or "
+                              f"{', '.join(PICKLE_SUFFIXES)})")
     if (path / MODEL_INDEX).is_file():
         return "diffusers"
     if (path / PIPELINE_FILE).is_file() or (path / CONFIG_NAME).is_file():

@@ -43,7 +43,7 @@ DIFFUSERS_VERSION = "0.30.0"  # the diffusers release whose folder format is wri
 COMPONENTS = {  # component: (library, accepted classes)
     "unet": ("diffusers", ("UNet2DConditionModel",)),
     "vae": ("diffusers", ("AutoencoderKL",)),
-    "text_encoder": ("transformers", ("CLIPTextModel", "CLIPTextModelWithProjection")),
+    "text_encoder": ("transformers", ("CLIPTextModel",)),
     "tokenizer": ("transformers", ("CLIPTokenizer", "CLIPTokenizerFast")),
     "scheduler": ("diffusers", None),  # any: only its config is read
 }
@@ -73,7 +73,7 @@ def check_model_index(folder: Path) -> None:
         elif classes is not None and (entry[0] != library or entry[1] not in classes):
             problems.append(f"{name} is {entry[0]}.{entry[1]}, expected {library}.{' or '.join(classes)}")
     extra = sorted(k for k, v in index.items()
-                   if not k.startswith("_") and k not in COMPONENTS and k not in NOT_NEEDED and v not in ([None, None],))
+                   if not k.startswith("_") and k not in COMPONENTS and k not in NOT_NEEDED and v != [None, None])
     if extra:
         problems.append(f"components this pipeline has no place for: {', '.join(extra)}")
     if problems:
@@ -104,7 +104,7 @@ def read_architecture(folder: str | Path) -> DiffusersArchitecture:
 
 
 def load_diffusers(folder: str | Path, *, allow_pickle: bool = False) -> Text2ImagePipeline:
-    """A Text2ImagePipeline from a diffusers Stable Diffusion folder (SD 1.x / 2.x); every tensor must find its place."""
+    """A Text2ImagePipeline from a diffusers Stable Diffusion folder (SD 1.x / 2.x); every tensor must fit."""
     folder = Path(folder)
     check_model_index(folder)
     arch = read_architecture(folder)

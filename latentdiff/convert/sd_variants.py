@@ -20,6 +20,7 @@ from transformers import CLIPTextConfig
 from ..config import AutoencoderConfig, SamplingConfig, ScheduleConfig, TextEncoderConfig, UNetConfig
 from ..errors import CheckpointError
 from .scheduler_config import SD_GUIDANCE_SCALE, SD_STEPS
+from .vae_keys import SD_LATENT_SCALE
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class SDVariant:
     image_size: int                   # the resolution it was trained at
     text_head_width: int = 64         # CLIP text heads are 64 wide in every SD release
     norm_groups: int = 32             # GroupNorm groups in the UNet and the autoencoder
-    latent_scale: float = 0.18215     # the SD autoencoder's latent scale (1 / latent std)
+    latent_scale: float = SD_LATENT_SCALE  # the SD autoencoder's latent scale (about 1 / latent std)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # scaled-linear β 0.00085..0.012, T = 1000
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(
         steps=SD_STEPS, guidance_scale=SD_GUIDANCE_SCALE, spacing="leading", steps_offset=1))
@@ -139,7 +140,7 @@ def _heads(width: int, variant: SDVariant, where: str) -> int:
 
 
 def infer_transformers_text_config(state: dict, variant: SDVariant, where: str) -> CLIPTextConfig:
-    """The CLIPTextConfig of a CLIPTextModel state dict (SD 1.x's `cond_stage_model.transformer.text_model.` removed)."""
+    """The CLIPTextConfig of a CLIPTextModel state dict (SD 1.x's cond_stage_model.transformer.text_model.*)."""
     vocab, width = _shape(state, "embeddings.token_embedding.weight", where)
     return CLIPTextConfig(
         vocab_size=vocab, hidden_size=width, num_attention_heads=_heads(width, variant, where),

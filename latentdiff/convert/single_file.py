@@ -40,7 +40,7 @@ from ..models.unet import UNet
 from ..pipeline import Text2ImagePipeline
 from .assemble import assemble_pipeline, warn_if_masked
 from .diffusers_format import read_architecture, read_json
-from .mapping import short_list, split_prefix
+from .mapping import require, short_list, split_prefix
 from .sd_variants import context_dim_of, infer_autoencoder_config, infer_open_clip_text_config, \
     infer_transformers_text_config, infer_unet_config, open_clip_text_config, pick_variant
 from .text_encoder_keys import PAD_TOKENS, bundled_clip_tokenizer, default_logit_scale, identity_block, \
@@ -118,12 +118,15 @@ def split_checkpoint(state: dict[str, torch.Tensor], where: str) -> Parts:
 
 
 def _transformers_text_state(state: dict, where: str) -> dict:
-    """A CLIPTextModel state dict: text_model. removed, and the position_ids buffer checked and dropped."""
+    """A CLIPTextModel state dict: text_model. removed, and the position_ids buffer (older transformers saved
+    it; today's computes it) checked and dropped."""
     if any(k.startswith(HF_TEXT_MODEL) for k in state):
         state = {k[len(HF_TEXT_MODEL):] if k.startswith(HF_TEXT_MODEL) else k: v for k, v in state.items()}
     ids = state.pop("embeddings.position_ids", None)
-    if ids is not None and not torch.equal(ids.reshape(-1).long(), torch.arange(ids.numel())):
-        raise CheckpointError(f"{where}: text encoder position_ids are not 0, 1, 2, ... ")
+    if ids is not None and not torch.equal(ids.reshape(-1).double().round(), torch.arange(ids.numel()).double()):
+        warnings.warn(f"{where}: its text encoder position_ids are not 0, 1, 2, ... (a known defect of some merged "
+                      f"checkpoints); they are not used: positions are always 0, 1, 2, ...", SkippedWeightsWarning,
+                      stacklevel=4)
     return state
 
 
@@ -139,7 +142,7 @@ def architecture_from_config(folder: Path, parts: Parts, where: str) -> Architec
         text, output_layer = text_config, "last"
     else:  # diffusers drops SD 2.x's last text block: one block more here means the penultimate layer is read
         layers = len({k.split(".")[2] for k in parts.text if k.startswith("transformer.resblocks.")})
-        hidden = text_config.get("num_hidden_layers")
+        hidden = require(text_config, "num_hidden_layers", f"{folder}/text_encoder")
         if layers not in (hidden, hidden + 1):
             raise CheckpointError(f"{where}: {layers} text blocks do not fit {folder}/text_encoder ({hidden} layers)")
         output_layer = "penultimate" if layers == hidden + 1 else "last"
@@ -190,7 +193,7 @@ def load_single_file(path: str | Path, *, config: str | Path | None = None, vari
     """A Text2ImagePipeline from an original SD checkpoint file (.safetensors; .ckpt with allow_pickle).
 
     config      a diffusers folder whose configs describe the architecture (its weights are not read)
-    variant     an SD_VARIANTS name ("sd1", "sd2", "sd2-base") instead of the one detected
+    variant     an SD_VARIANTS name ("sd1", "sd2", "sd2-base"): read the architecture off the weights with it
     prediction  "eps" / "v" / "x0", overriding the detected or configured prediction type
     tokenizer   a local CLIPTokenizer folder for an SD 1.x text encoder
     """
@@ -198,12 +201,17 @@ def load_single_file(path: str | Path, *, config: str | Path | None = None, vari
     where = str(path)
     state, metadata = read_weights(path, allow_pickle=allow_pickle)
     parts = split_checkpoint(state, where)
+    if config is not None and variant is not None:
+        raise CheckpointError(f"{where}: give a config folder or an SD variant, not both")
     if config is not None:
         arch = architecture_from_config(Path(config), parts, where)
+    elif variant is not None:
+        arch = architecture_from_weights(parts, variant, where)
     else:
-        arch = architecture_from_metadata(metadata, where) or architecture_from_weights(parts, variant, where)
+        arch = architecture_from_metadata(metadata, where) or architecture_from_weights(parts, None, where)
     if arch.text_layout != parts.text_layout:
-        raise CheckpointError(f"{where}: holds a {parts.text_layout} text encoder, its architecture says {arch.text_layout}")
+        raise CheckpointError(f"{where}: holds a {parts.text_layout} text encoder, its architecture says "
+                              f"{arch.text_layout}")
     if prediction is not None:
         arch = dataclasses.replace(arch, prediction=prediction)
     check_schedule(parts.schedule, arch.schedule, where)

@@ -151,7 +151,8 @@ def unet_config_to_diffusers(cfg: UNetConfig, sample_size: int) -> dict:
         "sample_size": sample_size,
         "in_channels": cfg.in_channels,
         "out_channels": cfg.out_channels,
-        "down_block_types": ["CrossAttnDownBlock2D" if lvl in cfg.attention_levels else "DownBlock2D" for lvl in levels],
+        "down_block_types": ["CrossAttnDownBlock2D" if lvl in cfg.attention_levels else "DownBlock2D"
+                             for lvl in levels],
         "mid_block_type": "UNetMidBlock2DCrossAttn",
         "up_block_types": ["CrossAttnUpBlock2D" if lvl in cfg.attention_levels else "UpBlock2D"
                            for lvl in reversed(levels)],

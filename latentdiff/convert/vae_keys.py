@@ -92,7 +92,7 @@ def _current_name(key: str) -> str:
 _DIFFUSERS_FIXED = {"act_fn": "silu", "shift_factor": None, "latents_mean": None, "latents_std": None,
                     "use_quant_conv": True, "use_post_quant_conv": True,
                     "down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
-DIFFUSERS_DEFAULT_SCALE = 0.18215  # diffusers' AutoencoderKL default scaling_factor (SD's), for configs without one
+SD_LATENT_SCALE = 0.18215  # SD's autoencoder latent scale; diffusers' default for configs without scaling_factor
 
 
 def vae_config_from_diffusers(config: dict, where: str) -> AutoencoderConfig:
@@ -110,7 +110,7 @@ def vae_config_from_diffusers(config: dict, where: str) -> AutoencoderConfig:
         attn_resolutions=(), mid_attention=bool(config.get("mid_block_add_attention", True)),
         z_channels=config.get("latent_channels", 4), norm_groups=config.get("norm_num_groups", 32),
         resolution=config.get("sample_size", 32),
-        scale_factor=float(config.get("scaling_factor", DIFFUSERS_DEFAULT_SCALE)))
+        scale_factor=float(config.get("scaling_factor", SD_LATENT_SCALE)))
 
 
 def vae_config_to_diffusers(cfg: AutoencoderConfig) -> dict:

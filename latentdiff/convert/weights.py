@@ -46,7 +46,8 @@ def read_weights(path: str | Path, *, allow_pickle: bool = False) -> tuple[dict[
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
-        raise CheckpointError(f"{path}: cannot be read with torch.load(weights_only=True) ({_first_line(err)})") from None
+        raise CheckpointError(f"{path}: cannot be read with torch.load(weights_only=True) "
+                              f"({_first_line(err)})") from None
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict):

@@ -37,7 +37,7 @@ def load_frozen_stages(cfg: DiffusionTrainingConfig) -> tuple[AutoencoderKL, Tex
         if not getattr(cfg, name):
             raise ConfigError(f"train-diffusion needs the trained {name.replace('_', ' ')}: {flag} DIR")
     autoencoder = AutoencoderKL.from_pretrained(cfg.autoencoder)
-    text_encoder = TextEncoder.from_pretrained(cfg.text_encoder)
+    text_encoder = TextEncoder.from_pretrained(cfg.text_encoder, output_layer=cfg.text_layer or None)
     for module in (autoencoder, text_encoder):
         module.eval().requires_grad_(False)
     return autoencoder, text_encoder
