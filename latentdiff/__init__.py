@@ -1,13 +1,15 @@
 """latentdiff: a Stable-Diffusion-style latent text-to-image system you can train on a CPU and read end to end."""
-from .config import AutoencoderConfig, UNetConfig
+from .config import AutoencoderConfig, TextEncoderConfig, UNetConfig
 from .errors import CheckpointError, ConfigError, DataError, LatentDiffError
 from .models.autoencoder import AutoencoderKL
+from .models.text_encoder import TextEncoder
 from .models.unet import UNet
 from .pipeline import Text2ImageOutput, Text2ImagePipeline
+from .samplers import SAMPLERS
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AutoencoderConfig", "AutoencoderKL", "CheckpointError", "ConfigError", "DataError", "LatentDiffError",
-    "Text2ImageOutput", "Text2ImagePipeline", "UNet", "UNetConfig", "__version__",
+    "SAMPLERS", "Text2ImageOutput", "Text2ImagePipeline", "TextEncoder", "TextEncoderConfig", "UNet", "UNetConfig", "__version__",
 ]
