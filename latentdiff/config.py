@@ -391,17 +391,19 @@ class UNetConfig:
 class TextEncoderConfig:
     open_clip_model: str = ""         # an open_clip architecture (e.g. "ViT-H-14"): replaces every size below, context_length too
     output_layer: str = "last"        # states fed to the UNet: "last" block, or "penultimate" (SD 2.x)
-    context_length: int = 32          # tokens per prompt incl. start/end (SD: 77); longer prompts are truncated
+    context_length: int = 24          # tokens per prompt incl. start/end (SD: 77); longer prompts are truncated
     width: int = 256                  # text transformer width D: the UNet cross-attends to (B, L, D)
-    layers: int = 4                   # text transformer blocks
+    layers: int = 3                   # text transformer blocks
     heads: int = 4                    # text attention heads
-    mlp_ratio: float = 4.0            # feed-forward width / width, both towers
+    mlp_ratio: float = 4.0            # feed-forward width / width (text, and a ViT image tower)
     embed_dim: int = 256              # shared image-text embedding (pooled outputs, CLIP score)
     image_size: int = 32              # the image tower's input size (images are resized to it)
-    patch_size: int = 4               # ViT patch size: (image_size / patch_size)^2 image tokens
-    vision_width: int = 256           # image tower width
-    vision_layers: int = 4            # image tower blocks
-    vision_head_width: int = 64       # image tower head width (heads = vision_width / vision_head_width)
+    vision_layers: int | tuple[int, ...] = (1, 1, 1, 1)  # image tower: 4 ints = ResNet blocks per stage
+    #                                   (open_clip's ModifiedResNet: a conv net learns shapes from few samples),
+    #                                   one int = ViT blocks
+    vision_width: int = 32            # ResNet stem width (the last stage has 32x as many channels), or ViT width
+    vision_head_width: int = 32       # head width of the ResNet's attention pool, or of the ViT blocks
+    patch_size: int = 4               # ViT only: patch side, (image_size / patch_size)^2 image tokens
     init_logit_scale: float = 2.6593  # log of the initial contrastive temperature 1/0.07
 
     def __post_init__(self):
@@ -410,15 +412,23 @@ class TextEncoderConfig:
             raise ConfigError(f"model.context_length: needs room for start, end and one word, got {self.context_length}")
         if self.open_clip_model:
             return
-        if self.width % self.heads:
-            raise ConfigError(f"model.width: {self.width} does not split into {self.heads} heads")
-        if self.vision_width % self.vision_head_width:
-            raise ConfigError(f"model.vision_width: {self.vision_width} is not a multiple of "
-                              f"vision_head_width={self.vision_head_width}")
-        if self.image_size % self.patch_size:
-            raise ConfigError(f"model.image_size: {self.image_size} is not a multiple of patch_size={self.patch_size}")
+        if self.layers < 1 or self.width % self.heads:
+            raise ConfigError(f"model: needs at least one layer, and width {self.width} must split into {self.heads} heads")
         if self.output_layer == "penultimate" and self.layers < 2:
             raise ConfigError("model.output_layer: 'penultimate' needs at least 2 layers")
+        if isinstance(self.vision_layers, tuple):  # ResNet
+            if len(self.vision_layers) != 4 or min(self.vision_layers) < 1:
+                raise ConfigError(f"model.vision_layers: a ResNet needs 4 stages of at least 1 block, "
+                                  f"got {list(self.vision_layers)}")
+            if self.image_size % 32 or (self.vision_width * 32) % self.vision_head_width:
+                raise ConfigError(f"model: a ResNet image tower needs image_size a multiple of 32 (got {self.image_size}) "
+                                  f"and vision_width * 32 a multiple of vision_head_width")
+        else:  # ViT
+            if self.vision_layers < 1 or self.vision_width % self.vision_head_width:
+                raise ConfigError(f"model: a ViT image tower needs at least one layer, and vision_width "
+                                  f"{self.vision_width} a multiple of vision_head_width={self.vision_head_width}")
+            if self.image_size % self.patch_size:
+                raise ConfigError(f"model.image_size: {self.image_size} is not a multiple of patch_size={self.patch_size}")
 
 
 @dataclass(frozen=True)

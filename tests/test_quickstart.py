@@ -1,7 +1,6 @@
 """`latentdiff quickstart` on tiny presets: trains the three stages, draws the grid, skips finished stages."""
 from pathlib import Path
 
-import pytest
 from PIL import Image
 from test_train_autoencoder import TINY as TINY_AE
 from test_train_text_encoder import TINY as TINY_TE

@@ -8,7 +8,6 @@ import gzip
 import itertools
 import json
 import os
-import re
 import socket
 
 import pytest
@@ -84,6 +83,12 @@ def open_clip_file(tmp_path_factory):
         "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 3},
     }))
     open_clip.add_model_config(folder / f"{TINY_OPEN_CLIP}.json")
+    (folder / f"{TINY_OPEN_CLIP}-wide.json").write_text(json.dumps({  # another architecture, for the mismatch test
+        "embed_dim": 24,
+        "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3},
+    }))
+    open_clip.add_model_config(folder / f"{TINY_OPEN_CLIP}-wide.json")
     torch.manual_seed(1)
     model = open_clip.create_model(TINY_OPEN_CLIP)
     torch.nn.init.normal_(model.text_projection, std=0.2)  # non-trivial everywhere
@@ -256,6 +261,24 @@ def test_save_load_round_trip_is_exact_and_strict(ours, tmp_path):
         assert torch.equal(encoder.image_embedding(images), copy.image_embedding(images))
 
 
+def test_resnet_image_tower_round_trip(tmp_path):
+    """The default image tower is open_clip's ModifiedResNet (4 stages); it saves and loads like the ViT."""
+    torch.manual_seed(0)
+    config = apply_overrides(TINY, {"vision_layers": [1, 1, 1, 1], "vision_width": 8, "vision_head_width": 32,
+                                    "image_size": 32})
+    encoder = OpenCLIPTextEncoder(config).eval()
+    assert type(encoder.clip.visual).__name__ == "ModifiedResNet" and encoder.image_size == 32
+    encoder.save_pretrained(tmp_path)
+    copy = TextEncoder.from_pretrained(tmp_path)
+    assert copy.config.vision_layers == (1, 1, 1, 1)
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        embedding = copy.image_embedding(images)
+        assert embedding.shape == (3, 24) and torch.equal(embedding, encoder.image_embedding(images))
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        apply_overrides(config, {"image_size": 48})
+
+
 def test_penultimate_layer_from_config_and_override(ours):
     encoder = TextEncoder.from_pretrained(ours, output_layer="penultimate")
     assert encoder.config.output_layer == "penultimate"
@@ -306,7 +329,7 @@ def test_mismatched_checkpoints_give_clear_errors(tmp_path, ours, open_clip_file
         TextEncoder.from_pretrained(tmp_path / "mixed")
     # an OpenCLIP file named with the wrong architecture
     with pytest.raises(CheckpointError, match="do not fit"):
-        TextEncoder.from_pretrained(open_clip_file, open_clip_model="RN50")
+        TextEncoder.from_pretrained(open_clip_file, open_clip_model=f"{TINY_OPEN_CLIP}-wide")
     with pytest.raises(CheckpointError, match="unknown open_clip architecture"):
         TextEncoder.from_pretrained(open_clip_file, open_clip_model="ViT-Q-99")
     # a transformers folder missing a tensor (transformers alone would silently re-initialise it)
@@ -326,6 +349,10 @@ def test_config_is_validated():
         TextEncoderConfig(output_layer="first")
     with pytest.raises(ConfigError, match="heads"):
         TextEncoderConfig(width=250, heads=4)
+    with pytest.raises(ConfigError, match="4 stages"):
+        TextEncoderConfig(vision_layers=(1, 1, 1))
+    with pytest.raises(ConfigError, match="patch_size"):
+        TextEncoderConfig(vision_layers=2, vision_width=64, patch_size=5)
 
 
 # -- CLIP score and retrieval ---------------------------------------------------------------------

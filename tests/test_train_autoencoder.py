@@ -4,12 +4,12 @@ import math
 import pytest
 import torch
 from PIL import Image
+from resume_check import kill_then_resume
 
 from latentdiff.cli import main
 from latentdiff.config import AutoencoderTrainingConfig, apply_overrides
 from latentdiff.data import ShapesDataset
 from latentdiff.models.autoencoder import AutoencoderKL
-from latentdiff.train import autoencoder as stage
 from latentdiff.train.autoencoder import measure_latent_std, train_autoencoder
 
 TINY = ["model.ch=8", "model.ch_mult=[1,2]", "model.num_res_blocks=1", "model.norm_groups=4",
@@ -22,33 +22,11 @@ def tiny_config(*extra: str) -> AutoencoderTrainingConfig:
     return apply_overrides(AutoencoderTrainingConfig(), TINY + list(extra))
 
 
-class Killed(Exception):
-    pass
-
-
 def test_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     cfg = tiny_config("train.ema_decay=0.9", "loss.disc_start=3", "loss.disc_ch=8")
     train_autoencoder(cfg, tmp_path / "straight")
 
-    # Kill the second run inside step 5 (after the checkpoint at step 4 was written).
-    real_log = stage.TrainingRun.log
-
-    def log_then_die(self, step, values):
-        if step == 4:
-            raise Killed()
-        real_log(self, step, values)
-
-    monkeypatch.setattr(stage.TrainingRun, "log", log_then_die)
-    with pytest.raises(Killed):
-        train_autoencoder(cfg, tmp_path / "killed")
-    monkeypatch.setattr(stage.TrainingRun, "log", real_log)
-    checkpoints = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
-    assert checkpoints == ["step-0000002", "step-0000004"]  # nothing half-written beside them
-
-    # Starting again without --resume would overwrite the run: refused.
-    with pytest.raises(Exception, match="pass --resume"):
-        train_autoencoder(cfg, tmp_path / "killed")
-    train_autoencoder(cfg, tmp_path / "killed", resume=True)
+    kill_then_resume(train_autoencoder, cfg, tmp_path / "killed", monkeypatch)
 
     straight = AutoencoderKL.from_pretrained(tmp_path / "straight")
     resumed = AutoencoderKL.from_pretrained(tmp_path / "killed")

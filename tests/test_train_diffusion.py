@@ -1,17 +1,17 @@
 """Stage-3 training end to end on tiny stages: resume after a kill, the latent cache, what the UNet records."""
 import pytest
 import torch
+from resume_check import kill_then_resume
 from tiny_stages import save_autoencoder, save_text_encoder, tiny_training_config
 
 from latentdiff.checkpoint import weights_hash
 from latentdiff.cli import main
 from latentdiff.config import apply_overrides, to_dict
-from latentdiff.errors import CheckpointError, ConfigError
+from latentdiff.errors import CheckpointError
 from latentdiff.models.autoencoder import AutoencoderKL
 from latentdiff.models.text_encoder_openclip import OpenCLIPTextEncoder
 from latentdiff.models.unet import UNet
 from latentdiff.pipeline import Text2ImagePipeline
-from latentdiff.train import diffusion as stage
 from latentdiff.train.diffusion import train_diffusion
 
 
@@ -19,10 +19,6 @@ from latentdiff.train.diffusion import train_diffusion
 def frozen(tmp_path_factory):
     root = tmp_path_factory.mktemp("stages")
     return save_autoencoder(root / "autoencoder"), save_text_encoder(root / "text_encoder")
-
-
-class Killed(Exception):
-    pass
 
 
 def count_calls(monkeypatch, cls, name):
@@ -42,21 +38,7 @@ def test_killed_run_resumes_to_the_same_weights(frozen, tmp_path, monkeypatch):
                                f"cache_dir={tmp_path / 'cache'}")
     train_diffusion(cfg, tmp_path / "straight")
 
-    real_log = stage.TrainingRun.log
-
-    def log_then_die(self, step, values):  # dies inside step 5, after the checkpoint of step 4
-        if step == 4:
-            raise Killed()
-        real_log(self, step, values)
-
-    monkeypatch.setattr(stage.TrainingRun, "log", log_then_die)
-    with pytest.raises(Killed):
-        train_diffusion(cfg, tmp_path / "killed")
-    monkeypatch.setattr(stage.TrainingRun, "log", real_log)
-    assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
-    with pytest.raises(ConfigError, match="pass --resume"):
-        train_diffusion(cfg, tmp_path / "killed")
-    train_diffusion(cfg, tmp_path / "killed", resume=True)
+    kill_then_resume(train_diffusion, cfg, tmp_path / "killed", monkeypatch)
 
     straight, resumed = UNet.from_pretrained(tmp_path / "straight"), UNet.from_pretrained(tmp_path / "killed")
     for key, value in straight.state_dict().items():

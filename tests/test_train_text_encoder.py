@@ -5,6 +5,7 @@ import csv
 
 import pytest
 import torch
+from resume_check import kill_then_resume
 
 from latentdiff.cli import main
 from latentdiff.config import TextEncoderTrainingConfig, apply_overrides
@@ -26,29 +27,11 @@ def tiny_config(*extra: str) -> TextEncoderTrainingConfig:
     return apply_overrides(TextEncoderTrainingConfig(), TINY + list(extra))
 
 
-class Killed(Exception):
-    pass
-
-
 def test_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     cfg = tiny_config("train.ema_decay=0.9")
     straight_results = train_text_encoder(cfg, tmp_path / "straight")
 
-    real_log = stage.TrainingRun.log
-
-    def log_then_die(self, step, values):  # dies inside step 5, after the checkpoint of step 4
-        if step == 4:
-            raise Killed()
-        real_log(self, step, values)
-
-    monkeypatch.setattr(stage.TrainingRun, "log", log_then_die)
-    with pytest.raises(Killed):
-        train_text_encoder(cfg, tmp_path / "killed")
-    monkeypatch.setattr(stage.TrainingRun, "log", real_log)
-    assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
-    with pytest.raises(Exception, match="pass --resume"):
-        train_text_encoder(cfg, tmp_path / "killed")
-    resumed_results = train_text_encoder(cfg, tmp_path / "killed", resume=True)
+    resumed_results = kill_then_resume(train_text_encoder, cfg, tmp_path / "killed", monkeypatch)
 
     straight = TextEncoder.from_pretrained(tmp_path / "straight")
     resumed = TextEncoder.from_pretrained(tmp_path / "killed")

@@ -22,7 +22,8 @@ from torch.utils.checkpoint import checkpoint
 from ..checkpoint import PretrainedMixin
 from ..config import UNetConfig
 from .attention import SpatialTransformer
-from .unet_blocks import Downsample, ResBlock, TimestepSequential, Upsample, timestep_embedding
+from .autoencoder import Upsample  # the same module (and key names) as the VAE's
+from .unet_blocks import Downsample, ResBlock, TimestepSequential, timestep_embedding
 
 
 class UNet(PretrainedMixin, nn.Module):

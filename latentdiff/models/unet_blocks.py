@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import SpatialTransformer
-from .autoencoder import Upsample  # the same module (and key names) as the VAE's
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

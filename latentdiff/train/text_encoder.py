@@ -16,13 +16,15 @@ import torch
 from open_clip import ClipLoss
 
 from ..config import TextEncoderTrainingConfig
-from ..data import build_dataset
+from ..data import ShapesDataset, build_dataset
 from ..eval.retrieval import heldout_retrieval
 from ..models.text_encoder_openclip import OpenCLIPTextEncoder
 from .loop import TrainingRun
 
 RETRIEVAL = ["t2i_top1", "t2i_top5", "i2t_top1", "i2t_top5"]
-METRICS = ["loss", "logit_scale", "grad_norm", "lr"] + RETRIEVAL
+# shapes data only: batches that also keep out captions fitting another picture (eval/retrieval.py)
+UNAMBIGUOUS = [f"{name}_unambiguous" for name in RETRIEVAL]
+METRICS = ["loss", "logit_scale", "grad_norm", "lr"] + RETRIEVAL + UNAMBIGUOUS
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learned temperature at 100
 
 
@@ -42,6 +44,13 @@ def peak_lr_at(cfg: TextEncoderTrainingConfig, step: int) -> float:
     return cfg.train.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def describe(scores: dict) -> str:
+    text = ", ".join(f"{k} {scores[k]:.3f}" for k in RETRIEVAL)
+    if UNAMBIGUOUS[0] in scores:
+        text += " (unambiguous batches: " + ", ".join(f"{k} {scores[k + '_unambiguous']:.3f}" for k in RETRIEVAL) + ")"
+    return text
+
+
 def train_text_encoder(cfg: TextEncoderTrainingConfig, out_dir: str | Path, resume: bool = False) -> dict:
     """Train, checkpoint, and export a CLIP text encoder to `out_dir`; returns the final retrieval scores."""
     run = TrainingRun(out_dir, cfg, cfg.train, resume=resume, metrics=METRICS)
@@ -58,7 +67,12 @@ def train_text_encoder(cfg: TextEncoderTrainingConfig, out_dir: str | Path, resu
     results: dict = {}
 
     def evaluate() -> dict:
-        return heldout_retrieval(run.exported_module("model"), heldout_set, cfg.eval_batch_size, cfg.eval_batches)
+        model = run.exported_module("model")
+        scores = heldout_retrieval(model, heldout_set, cfg.eval_batch_size, cfg.eval_batches)
+        if isinstance(heldout_set, ShapesDataset):
+            clear = heldout_retrieval(model, heldout_set, cfg.eval_batch_size, cfg.eval_batches, unambiguous=True)
+            scores.update({f"{name}_unambiguous": value for name, value in clear.items()})
+        return scores
 
     def export(folder: Path) -> None:
         run.exported_module("model").save_pretrained(folder, metadata={"step": step + 1, **results})
@@ -79,16 +93,15 @@ def train_text_encoder(cfg: TextEncoderTrainingConfig, out_dir: str | Path, resu
         run.update_ema()
         if run.is_main and run.due(step, cfg.train.sample_every):
             logs.update(evaluate())
-            run.print(f"step {step + 1}: held-out " + ", ".join(f"{k} {logs[k]:.3f}" for k in RETRIEVAL))
+            run.print(f"step {step + 1}: held-out " + describe(logs))
         if step + 1 == cfg.train.steps and run.is_main:  # due() is true at the last step: logs hold retrieval
-            results.update({k: round(logs[k], 4) for k in RETRIEVAL},
+            results.update({k: round(logs[k], 4) for k in RETRIEVAL + UNAMBIGUOUS if k in logs},
                            train_minutes=round((time.time() - start) / 60, 2))
         run.log(step, logs)
         run.maybe_checkpoint(step, export)
     if results:
-        run.print(f"held-out retrieval over batches of {cfg.eval_batch_size} distinct captions: "
-                  + ", ".join(f"{k} {results[k]:.3f}" for k in RETRIEVAL)
-                  + f"; {results['train_minutes']} min; saved to {run.out_dir}")
+        run.print(f"held-out retrieval over batches of {cfg.eval_batch_size} distinct captions: {describe(results)}; "
+                  f"{results['train_minutes']} min; saved to {run.out_dir}")
     else:
         run.print(f"nothing to do: {run.out_dir} already finished {cfg.train.steps} steps")
     return results
