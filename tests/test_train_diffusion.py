@@ -1,4 +1,6 @@
 """Stage-3 training end to end on tiny stages: resume after a kill, the latent cache, what the UNet records."""
+from pathlib import Path
+
 import pytest
 import torch
 from resume_check import kill_then_resume
@@ -6,7 +8,7 @@ from tiny_stages import save_autoencoder, save_text_encoder, tiny_training_confi
 
 from latentdiff.checkpoint import weights_hash
 from latentdiff.cli import main
-from latentdiff.config import apply_overrides, to_dict
+from latentdiff.config import DiffusionTrainingConfig, apply_overrides, load_config, to_dict
 from latentdiff.errors import CheckpointError
 from latentdiff.models.autoencoder import AutoencoderKL
 from latentdiff.models.text_encoder_openclip import OpenCLIPTextEncoder
@@ -160,3 +162,8 @@ def test_cli_errors_are_one_line(frozen, tmp_path, capsys):
     code = main(["train-diffusion", "--autoencoder", str(ae), "--text-encoder", str(te), "--out",
                  str(tmp_path / "d"), "model.context_dim=32", "sampling.sampler=plms"])
     assert code == 2 and "unknown sampler 'plms'" in capsys.readouterr().err
+
+
+def test_shapes_preset_file_is_the_dataclass_defaults():
+    preset = Path(__file__).resolve().parent.parent / "configs" / "diffusion" / "shapes.yaml"
+    assert load_config(DiffusionTrainingConfig, preset) == DiffusionTrainingConfig()
