@@ -436,7 +436,7 @@ class TextEncoderTrainingConfig:
     model: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=1500, batch_size=128, lr=5e-4, warmup_steps=100, weight_decay=0.1, betas=(0.9, 0.98),
+        steps=1000, batch_size=64, lr=2.5e-4, warmup_steps=50, weight_decay=0.1, betas=(0.9, 0.98),
         log_every=25, sample_every=250, checkpoint_every=250))
     lr_decay: str = "cosine"          # after warm-up: "cosine" (to 0 at the last step) or "constant"
     eval_batch_size: int = 64         # distinct captions per held-out retrieval batch

@@ -159,14 +159,15 @@ class OpenCLIPTextEncoder(TextEncoder):
 
     def forward(self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Training: (unit image features (B, P), unit text features (B, P), logit scale), as CLIP.forward.
+        """Training: [-1, 1] images (B, 3, H, W) and tokens -> (unit image features (B, P), unit text
+        features (B, P), logit scale), as CLIP.forward.
 
         The text is cut to the batch's longest prompt first: under the causal mask, padding never
         changes the tokens before it, so the pooled end-of-text state is the same, at less cost.
         """
         used = int(mask.sum(1).max())
         text = self.encode_tokens(ids[:, :used], mask[:, :used]).pooled
-        image = self.clip.encode_image(pixels)
+        image = self.clip.encode_image(self.preprocess_images(pixels))  # what image_embedding sees, too
         return F.normalize(image, dim=-1), F.normalize(text, dim=-1), self.clip.logit_scale.exp()
 
     # -- files ----------------------------------------------------------------------------------

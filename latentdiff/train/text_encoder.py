@@ -17,6 +17,7 @@ from open_clip import ClipLoss
 
 from ..config import TextEncoderTrainingConfig
 from ..data import ShapesDataset, build_dataset
+from ..errors import DataError
 from ..eval.retrieval import heldout_retrieval
 from ..models.text_encoder_openclip import OpenCLIPTextEncoder
 from .loop import TrainingRun
@@ -68,7 +69,11 @@ def train_text_encoder(cfg: TextEncoderTrainingConfig, out_dir: str | Path, resu
 
     def evaluate() -> dict:
         model = run.exported_module("model")
-        scores = heldout_retrieval(model, heldout_set, cfg.eval_batch_size, cfg.eval_batches)
+        try:
+            scores = heldout_retrieval(model, heldout_set, cfg.eval_batch_size, cfg.eval_batches)
+        except DataError as err:  # a small folder: too few held-out captions for one batch
+            run.print(f"no held-out retrieval: {err} (set eval_batch_size lower)")
+            return {}
         if isinstance(heldout_set, ShapesDataset):
             clear = heldout_retrieval(model, heldout_set, cfg.eval_batch_size, cfg.eval_batches, unambiguous=True)
             scores.update({f"{name}_unambiguous": value for name, value in clear.items()})
@@ -93,15 +98,17 @@ def train_text_encoder(cfg: TextEncoderTrainingConfig, out_dir: str | Path, resu
         run.update_ema()
         if run.is_main and run.due(step, cfg.train.sample_every):
             logs.update(evaluate())
-            run.print(f"step {step + 1}: held-out " + describe(logs))
+            if RETRIEVAL[0] in logs:
+                run.print(f"step {step + 1}: held-out " + describe(logs))
         if step + 1 == cfg.train.steps and run.is_main:  # due() is true at the last step: logs hold retrieval
             results.update({k: round(logs[k], 4) for k in RETRIEVAL + UNAMBIGUOUS if k in logs},
                            train_minutes=round((time.time() - start) / 60, 2))
         run.log(step, logs)
         run.maybe_checkpoint(step, export)
     if results:
-        run.print(f"held-out retrieval over batches of {cfg.eval_batch_size} distinct captions: {describe(results)}; "
-                  f"{results['train_minutes']} min; saved to {run.out_dir}")
+        scores = (f"held-out retrieval over batches of {cfg.eval_batch_size} distinct captions: {describe(results)}; "
+                  if RETRIEVAL[0] in results else "")
+        run.print(f"{scores}{results['train_minutes']} min; saved to {run.out_dir}")
     else:
         run.print(f"nothing to do: {run.out_dir} already finished {cfg.train.steps} steps")
     return results
