@@ -436,14 +436,11 @@ class TextEncoderTrainingConfig:
     model: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=1000, batch_size=64, lr=2.5e-4, warmup_steps=50, weight_decay=0.1, betas=(0.9, 0.98),
+        steps=1000, batch_size=64, lr=2.5e-4, warmup_steps=50, lr_schedule="cosine", weight_decay=0.1,
+        betas=(0.9, 0.98),
         log_every=25, sample_every=250, checkpoint_every=250))
-    lr_decay: str = "cosine"          # after warm-up: "cosine" (to 0 at the last step) or "constant"
     eval_batch_size: int = 64         # distinct captions per held-out retrieval batch
     eval_batches: int = 8             # held-out retrieval batches averaged at the end (and every sample_every steps)
-
-    def __post_init__(self):
-        _check_choice("lr_decay", self.lr_decay, ("cosine", "constant"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,14 +37,6 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def peak_lr_at(cfg: TextEncoderTrainingConfig, step: int) -> float:
-    """The lr before warm-up scaling: train.lr, decayed along a half cosine to 0 at the last step."""
-    if cfg.lr_decay == "constant" or step < cfg.train.warmup_steps:
-        return cfg.train.lr
-    progress = (step - cfg.train.warmup_steps) / max(1, cfg.train.steps - cfg.train.warmup_steps)
-    return cfg.train.lr * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def describe(scores: dict) -> str:
     text = ", ".join(f"{k} {scores[k]:.3f}" for k in RETRIEVAL)
     if UNAMBIGUOUS[0] in scores:
@@ -84,7 +76,7 @@ def train_text_encoder(cfg: TextEncoderTrainingConfig, out_dir: str | Path, resu
 
     start = time.time()
     for step, micro_batches in run.steps(train_set):
-        run.set_lr(optimizer, peak_lr_at(cfg, step), step)
+        run.set_lr(optimizer, cfg.train.lr, step)
         for batch in micro_batches:
             ids, mask = (t.to(run.device) for t in tokenize(batch["caption"]))
             with accelerator.autocast():
