@@ -94,6 +94,20 @@ def save_model_files(folder: str | Path, *, kind: str, config: Any, state_dict: 
     })
 
 
+def read_json(path: str | Path) -> dict:
+    """A JSON object from `path`; CheckpointError naming the file if it is missing, malformed or not an object."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
 def read_config_file(folder: str | Path, kind: str) -> dict:
     """The parsed config.json of a `kind` checkpoint folder, with clear errors for what is wrong."""
     folder = Path(folder)
@@ -104,11 +118,8 @@ def read_config_file(folder: str | Path, kind: str) -> dict:
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{folder}: no {CONFIG_NAME} here; is this a latentdiff {kind} checkpoint?")
-    try:
-        info = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(info, dict) or "config" not in info:
+    info = read_json(path)
+    if "config" not in info:
         raise CheckpointError(f"{path}: not a latentdiff config (no 'config' entry)")
     if info.get("kind") != kind:
         raise CheckpointError(f"{folder}: holds a {info.get('kind')!r} checkpoint, expected {kind!r}")

@@ -17,7 +17,6 @@ The predicted x0 is never clipped (latents are not pixels).
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -25,7 +24,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import CONFIG_NAME, FORMAT_VERSION, atomic_directory, atomic_write_json
+from .checkpoint import CONFIG_NAME, FORMAT_VERSION, atomic_directory, atomic_write_json, read_json
 from .config import SamplingConfig, apply_overrides, from_dict, to_dict
 from .data.images import tensor_to_pil
 from .editing import ImageEditingMixin
@@ -111,10 +110,7 @@ class Text2ImagePipeline(ImageEditingMixin):
         """A pipeline folder (pipeline.json + autoencoder/, text_encoder/, unet/) or a diffusion run folder."""
         folder = Path(folder)
         if (folder / PIPELINE_FILE).is_file():
-            try:
-                info = json.loads((folder / PIPELINE_FILE).read_text())
-            except json.JSONDecodeError as err:
-                raise CheckpointError(f"{folder / PIPELINE_FILE}: not valid JSON ({err})") from None
+            info = read_json(folder / PIPELINE_FILE)
             if info.get("format_version", 0) > FORMAT_VERSION:
                 raise CheckpointError(f"{folder / PIPELINE_FILE}: format version {info['format_version']} is newer "
                                       f"than this latentdiff reads ({FORMAT_VERSION}); upgrade latentdiff")

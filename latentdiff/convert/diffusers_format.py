@@ -10,14 +10,13 @@ folders do, so that diffusers' default (the last hidden state) is our penultimat
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ..checkpoint import atomic_directory, atomic_write_json, load_state_dict_strict, save_tensors
+from ..checkpoint import atomic_directory, atomic_write_json, load_state_dict_strict, read_json, save_tensors
 from ..config import AutoencoderConfig, SamplingConfig, ScheduleConfig, UNetConfig, from_dict, to_dict
 from ..errors import CheckpointError, ConfigError
 from ..models.autoencoder import AutoencoderKL
@@ -48,18 +47,6 @@ COMPONENTS = {  # component: (library, accepted classes)
     "scheduler": ("diffusers", None),  # any: only its config is read
 }
 NOT_NEEDED = ("safety_checker", "feature_extractor", "image_encoder", "requires_safety_checker")
-
-
-def read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not found")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
 
 
 def check_model_index(folder: Path) -> None:

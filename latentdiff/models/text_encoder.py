@@ -16,7 +16,6 @@ Nothing here downloads anything: every loader reads local files only.
 """
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import CONFIG_NAME
+from ..checkpoint import CONFIG_NAME, read_json
 from ..errors import CheckpointError
 
 OPEN_CLIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -188,11 +187,8 @@ class TextEncoder(nn.Module):
                                            output_layer=output_layer, image_tower=image_tower)
             raise CheckpointError(f"{path}: no {CONFIG_NAME} here; expected a latentdiff or transformers text "
                                   f"encoder folder, or an OpenCLIP checkpoint file")
-        try:
-            info = json.loads(config.read_text())
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{config}: not valid JSON ({err})") from None
-        if isinstance(info, dict) and "kind" in info:
+        info = read_json(config)
+        if "kind" in info:
             from .text_encoder_openclip import OpenCLIPTextEncoder
             return OpenCLIPTextEncoder.from_latentdiff_folder(path, output_layer=output_layer,
                                                               image_tower=image_tower)
