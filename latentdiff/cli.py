@@ -112,12 +112,26 @@ def _convert():
     return command
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The `latentdiff` parser and each sub-command's own parser."""
     parser = argparse.ArgumentParser(prog="latentdiff", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = {}
     for name, (help_text, add_arguments, _) in COMMANDS.items():
-        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
-    return parser
+        commands[name] = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(commands[name])
+    return parser, commands
+
+
+def parse_command_line(argv: list[str]) -> argparse.Namespace:
+    """A sub-command's arguments are parsed intermixed, so positionals (prompts, key=value overrides)
+    may come before or after flags: `train-diffusion --steps 500 train.lr=1e-4` works."""
+    parser, commands = build_parser()
+    if not argv or argv[0] not in commands:
+        return parser.parse_args(argv)  # --help, or the usage error for a missing / unknown command
+    args = commands[argv[0]].parse_intermixed_args(argv[1:])
+    args.command = argv[0]
+    return args
 
 
 def main(argv: list[str] | None = None, command: str | None = None) -> int:
@@ -125,7 +139,7 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if command is not None:
         argv = [command] + argv
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(argv)
     try:
         COMMANDS[args.command][2](args)
     except LatentDiffError as err:

@@ -440,3 +440,26 @@ def test_unambiguous_heldout_batches_hold_no_caption_that_fits_another_picture()
     conflicts = lambda batch: sum(shapes_captions_conflict(a, b) for a, b in itertools.combinations(batch, 2))
     assert sum(map(conflicts, plain)) > 0  # distinct captions alone still describe the same picture
     assert sum(map(conflicts, clear)) == 0
+
+
+def test_retrieval_ceiling_is_what_a_perfect_model_scores_with_random_tie_breaks():
+    from latentdiff.data import ShapesDataset
+    from latentdiff.eval.retrieval import retrieval_ceiling
+
+    dataset = ShapesDataset(size=16, length=400, split="heldout")
+    ceiling = retrieval_ceiling(dataset, batch_size=32, batches=2)
+    assert 0.5 < ceiling["t2i_top1"] < 1.0 and 0.5 < ceiling["i2t_top1"] < 1.0
+    # A perfect model scores 1 where a caption fits a picture, 0 elsewhere; ties break at random.
+    truths = [{"caption": dataset.sample(i).caption, "truth": dataset.sample(i)} for i in range(len(dataset))]
+    generator = torch.Generator().manual_seed(0)
+    measured = {"t2i_top1": 0.0, "i2t_top1": 0.0}
+    draws = 200
+    for batch in distinct_caption_batches(truths, 32, 2):
+        fits = torch.tensor([[float(shapes_caption_fits(t["truth"], i["truth"])) for i in batch] for t in batch])
+        for _ in range(draws):
+            noisy = fits + 1e-3 * torch.rand(fits.shape, generator=generator)  # (captions, images)
+            scores = retrieval_accuracy(torch.eye(len(batch)), noisy, ks=(1,))  # sim[image, caption] = noisy.T
+            for name in measured:
+                measured[name] += scores[name] / (2 * draws)
+    for name in measured:
+        assert abs(measured[name] - ceiling[name]) < 0.02, (name, measured[name], ceiling[name])
