@@ -10,11 +10,10 @@ import re
 from pathlib import Path
 
 import torch
-from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from .data.images import pil_to_tensor, tensor_to_pil
 from .errors import CheckpointError, ConfigError
+from .grid import prompt_grid
 from .pipeline import Text2ImagePipeline, check_sampler
 from .png_info import GenerationParams, read_png_params, save_png
 
@@ -106,9 +105,8 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
         save_png(image, path, params)
         written.append(path)
     if args.grid:
-        tiles = torch.stack([pil_to_tensor(image) for image in result.images])  # (N, 3, H, W) in [-1, 1]
-        grid = make_grid(tiles, nrow=args.n if len(prompts) > 1 else min(8, args.n), padding=2, pad_value=1.0)
-        tensor_to_pil(grid).save(out / "grid.png")
+        columns = args.n if len(prompts) > 1 else min(8, args.n)
+        prompt_grid(result.images, result.prompts, columns).save(out / "grid.png")
         written.append(out / "grid.png")
     print(f"wrote {len(written)} file(s) to {out}/")
     return written

@@ -10,11 +10,8 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-from torchvision.utils import make_grid
-
 from .config import AutoencoderTrainingConfig, DiffusionTrainingConfig, TextEncoderTrainingConfig, apply_overrides
-from .data.images import pil_to_tensor, tensor_to_pil
+from .grid import prompt_grid
 from .pipeline import Text2ImagePipeline
 from .train.autoencoder import train_autoencoder
 from .train.diffusion import train_diffusion
@@ -53,11 +50,10 @@ def run_stage(name: str, train, cfg, folder: Path) -> float | None:
 
 
 def draw_grid(pipeline_dir: Path, path: Path, device: str) -> None:
-    """One row per prompt, SEEDS_PER_PROMPT columns (seeds 0, 1, ...)."""
+    """One row per prompt, labelled, SEEDS_PER_PROMPT columns (seeds 0, 1, ...), enlarged 4x."""
     pipe = Text2ImagePipeline.from_pretrained(pipeline_dir).to(device)
     result = pipe(list(PROMPTS), num_images_per_prompt=SEEDS_PER_PROMPT, seed=0)
-    tiles = torch.stack([pil_to_tensor(image) for image in result.images])  # (N, 3, H, W)
-    tensor_to_pil(make_grid(tiles, nrow=SEEDS_PER_PROMPT, padding=2, pad_value=1.0)).save(path)
+    prompt_grid(result.images, result.prompts, SEEDS_PER_PROMPT).save(path)
 
 
 def quickstart_plan(root: Path) -> list[tuple[str, object, object]]:

@@ -9,6 +9,8 @@
   be downloaded here. Real images are renders of the same prompts, so the number compares image
   statistics, not prompt following. It is a "CLIP-FID": comparable between our models, not to published FIDs.
 - CLIP score: 100 * cos(image, prompt) with the same CLIP (Hessel et al. 2021).
+- Autoencoder ceiling: the judge's scores on the autoencoder's reconstructions of real renders of the
+  same prompts. The UNet's images pass through the same decoder, so this bounds what it can score.
 """
 from __future__ import annotations
 
@@ -50,6 +52,16 @@ def generate_for(pipe, suite, seed: int, batch_size: int, **sampling) -> list:
     return images
 
 
+@torch.no_grad()
+def reconstruct(autoencoder, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """(N, 3, H, W) images in [-1, 1] through the autoencoder (posterior mode) and back, clamped."""
+    dtype = next(autoencoder.parameters()).dtype
+    device = next(autoencoder.parameters()).device
+    out = [autoencoder.decode(autoencoder.encode(chunk.to(device, dtype)).mode()).float().cpu()
+           for chunk in images.split(batch_size)]
+    return torch.cat(out).clamp(-1, 1)
+
+
 def evaluate(pipe, per_category: int = 32, seed: int = 0, batch_size: int = 64, **sampling) -> dict:
     """Judge scores per category and split, FID and CLIP score of the pipeline's images (see module doc)."""
     encoder = pipe.text_encoder
@@ -65,6 +77,7 @@ def evaluate(pipe, per_category: int = 32, seed: int = 0, batch_size: int = 64, 
         results[f"generate_seconds_{split}"] = round(time.time() - start, 1)
         results[split] = score_images(suite, images)
         real = torch.stack([pil_to_tensor(render_sample(sample)) for _, sample in suite])  # (N, 3, H, W)
+        results[f"autoencoder_ceiling_{split}"] = score_images(suite, reconstruct(pipe.autoencoder, real))
         fake = torch.stack([pil_to_tensor(image) for image in images])
         fid.update((real + 1) / 2, real=True)
         fid.update((fake + 1) / 2, real=False)
@@ -78,10 +91,12 @@ def evaluate(pipe, per_category: int = 32, seed: int = 0, batch_size: int = 64, 
 
 
 def format_table(results: dict) -> str:
-    lines = ["| category | train split | held-out compositions |", "|---|---|---|"]
+    lines = ["| category | train split | held-out compositions | autoencoder ceiling (train / held-out) |",
+             "|---|---|---|---|"]
     for category in CATEGORIES:
         lines.append(f"| {category.replace('_', ' ')} | {results['train'][category]:.2f} | "
-                     f"{results['heldout'][category]:.2f} |")
+                     f"{results['heldout'][category]:.2f} | {results['autoencoder_ceiling_train'][category]:.2f} / "
+                     f"{results['autoencoder_ceiling_heldout'][category]:.2f} |")
     lines.append(f"\nCLIP-FID {results['fid_clip']:.2f}; CLIP score {results['clip_score']:.1f} "
                  f"(real renders of the same prompts: {results['clip_score_real']:.1f})")
     return "\n".join(lines)

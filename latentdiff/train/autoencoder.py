@@ -19,7 +19,7 @@ from ..eval.image_metrics import psnr
 from ..models.autoencoder import AutoencoderKL
 from ..models.discriminator import PatchDiscriminator
 from .autoencoder_loss import AutoencoderLoss
-from .loop import TrainingRun
+from .loop import TrainingRun, adamw
 from .perceptual import load_perceptual
 
 METRICS = ["loss", "recon", "kl", "g_loss", "gan_weight", "d_loss", "grad_norm", "lr"]
@@ -71,13 +71,12 @@ def train_autoencoder(cfg: AutoencoderTrainingConfig, out_dir: str | Path, resum
     run = TrainingRun(out_dir, cfg, cfg.train, resume=resume, metrics=METRICS)
     train_set, heldout_set = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "heldout")
     model = AutoencoderKL(cfg.model)
-    model, opt_g = run.track("model", model, torch.optim.AdamW(
-        model.parameters(), lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay))
+    model, opt_g = run.track("model", model, adamw(model.parameters(), cfg.train))
     discriminator = None
     if cfg.loss.disc_start >= 0:
         disc = PatchDiscriminator(cfg.model.out_channels, cfg.loss.disc_ch, cfg.loss.disc_layers)
-        discriminator, opt_d = run.track("discriminator", disc, torch.optim.AdamW(
-            disc.parameters(), lr=cfg.loss.disc_lr, betas=(0.5, 0.9)))
+        discriminator, opt_d = run.track("discriminator", disc, adamw(
+            disc.parameters(), cfg.train, lr=cfg.loss.disc_lr, betas=(0.5, 0.9), weight_decay=0.01))
     perceptual = load_perceptual(cfg.loss, run.print)
     if perceptual is not None:
         perceptual = perceptual.to(run.device)

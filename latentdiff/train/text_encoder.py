@@ -20,7 +20,7 @@ from ..data import ShapesDataset, build_dataset
 from ..errors import DataError
 from ..eval.retrieval import heldout_retrieval, retrieval_ceiling
 from ..models.text_encoder_openclip import OpenCLIPTextEncoder
-from .loop import TrainingRun
+from .loop import TrainingRun, adamw
 
 RETRIEVAL = ["t2i_top1", "t2i_top5", "i2t_top1", "i2t_top5"]
 # shapes data only: batches that also keep out captions fitting another picture (eval/retrieval.py)
@@ -49,9 +49,7 @@ def train_text_encoder(cfg: TextEncoderTrainingConfig, out_dir: str | Path, resu
     run = TrainingRun(out_dir, cfg, cfg.train, resume=resume, metrics=METRICS)
     train_set, heldout_set = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "heldout")
     model = OpenCLIPTextEncoder(cfg.model)
-    # fused: one kernel for all parameters; on a CPU it makes the optimizer step ~3x faster
-    model, optimizer = run.track("model", model, torch.optim.AdamW(
-        parameter_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, betas=cfg.train.betas, fused=True))
+    model, optimizer = run.track("model", model, adamw(parameter_groups(model, cfg.train.weight_decay), cfg.train))
     run.use_ema("model")
     accelerator = run.accelerator
     contrastive = ClipLoss(local_loss=True, gather_with_grad=True, rank=accelerator.process_index,
