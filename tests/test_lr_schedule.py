@@ -21,11 +21,14 @@ def test_cosine_reaches_zero_at_the_last_step():
 
 
 def test_cooldown_takes_the_last_steps_linearly_down():
-    train = TrainConfig(steps=100, warmup_steps=10, cooldown_steps=20)
+    train = TrainConfig(steps=100, warmup_steps=10, cooldown_fraction=0.2)
     assert lr_scale(train, 79) == 1.0
     assert [lr_scale(train, s) for s in (80, 90, 99)] == [1.0, 0.5, 0.05]
+    short = TrainConfig(steps=6, warmup_steps=1, cooldown_fraction=0.25)  # a share, so any --steps works
+    assert [lr_scale(short, s) for s in range(6)] == [1.0, 1.0, 1.0, 1.0, 1.0, 0.5]
 
 
-def test_cooldown_longer_than_the_run_is_refused():
-    with pytest.raises(ConfigError, match="train.cooldown_steps"):
-        TrainConfig(steps=10, cooldown_steps=11)
+@pytest.mark.parametrize("fraction", [-0.1, 1.5])
+def test_a_cooldown_outside_0_and_1_is_refused(fraction):
+    with pytest.raises(ConfigError, match="train.cooldown_fraction"):
+        TrainConfig(steps=10, cooldown_fraction=fraction)

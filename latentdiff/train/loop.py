@@ -87,9 +87,11 @@ def adamw(params, train: TrainConfig, lr: float | None = None, betas: tuple[floa
 
 def lr_scale(train: TrainConfig, step: int) -> float:
     """The learning rate at `step` (0-based) as a share of the peak: a linear warm-up over
-    train.warmup_steps, then constant or a cosine decay to 0 at train.steps; train.cooldown_steps > 0
-    also scales the last steps linearly down (1, ..., 1/N). A function of the step alone, so resume is exact."""
-    warmup, total, cooldown = max(1, train.warmup_steps), train.steps, train.cooldown_steps
+    train.warmup_steps, then constant or a cosine decay to 0 at train.steps; train.cooldown_fraction > 0
+    also scales the last N = fraction * steps steps linearly down (1, ..., 1/N). A function of the step
+    alone, so resume is exact."""
+    warmup, total = max(1, train.warmup_steps), train.steps
+    cooldown = round(train.cooldown_fraction * total)
     scale = min(1.0, (step + 1) / warmup)
     if train.lr_schedule == "cosine" and step >= warmup:
         scale = 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
