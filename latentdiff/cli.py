@@ -103,7 +103,15 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
                    lambda p: _quickstart().add_quickstart_arguments(p), lambda a: _quickstart().run_quickstart(a)),
     "convert": ("convert a pipeline between the latentdiff, diffusers and original SD single-file formats",
                 lambda p: _convert().add_convert_arguments(p), lambda a: _convert().run_convert(a)),
+    "bench": ("time our UNet against diffusers' with the same weights, side by side in one process",
+              lambda p: _bench().add_bench_arguments(p), lambda a: _bench().run_bench(a)),
 }
+
+
+def _bench():
+    from .eval import bench  # diffusers (when installed): only when the command runs
+
+    return bench
 
 
 def _convert():

@@ -463,3 +463,17 @@ def test_retrieval_ceiling_is_what_a_perfect_model_scores_with_random_tie_breaks
                 measured[name] += scores[name] / (2 * draws)
     for name in measured:
         assert abs(measured[name] - ceiling[name]) < 0.02, (name, measured[name], ceiling[name])
+
+
+def test_image_embedding_follows_the_tower_dtype():
+    import open_clip  # noqa: F401  (the trained backend)
+
+    from latentdiff.models.text_encoder_openclip import OpenCLIPTextEncoder
+    from tiny_stages import TINY_TEXT
+
+    encoder = OpenCLIPTextEncoder(TINY_TEXT).eval()
+    images = torch.rand(2, 3, 16, 16) * 2 - 1  # float32, as generated images and renders come
+    full = encoder.image_embedding(images)
+    half = encoder.to(torch.bfloat16).image_embedding(images)
+    assert half.dtype == torch.bfloat16
+    assert torch.allclose(half.float(), full, atol=0.05)

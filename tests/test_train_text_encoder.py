@@ -110,12 +110,13 @@ def test_no_weight_decay_on_gains_biases_and_temperature():
 
 @pytest.mark.slow
 def test_shapes_preset_reaches_the_retrieval_target(tmp_path):
-    """The default preset (about 5 minutes on 2 cores): held-out text->image top-1 over batches of 64.
+    """The default preset (about 4 minutes on 2 cores): held-out text->image top-1 over batches of 64.
 
     With merely distinct captions, some captions fit several pictures ("a green star" and "a green
-    star on the left"), which caps top-1 near 0.9 on this split; the unambiguous batches are the
-    target's measure (measured: 0.93 unambiguous, 0.83 distinct).
+    star on the left"), so a perfect model scores 0.898 there; the unambiguous batches measure the
+    model (measured: 0.910 unambiguous, 0.828 distinct).
     """
     results = train_text_encoder(TextEncoderTrainingConfig(), tmp_path)
+    assert results["t2i_top1_ceiling"] < 0.9  # the distinct-caption target cannot be reached on these batches
     assert results["t2i_top1_unambiguous"] >= 0.9
     assert results["t2i_top1"] >= 0.78 and results["t2i_top5"] >= 0.98

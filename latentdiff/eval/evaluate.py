@@ -39,7 +39,7 @@ class CLIPImageFeatures(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.encoder.image_embedding(images.float() * 2 - 1).double()
+        return self.encoder.image_embedding(images.float() * 2 - 1).double()  # on the encoder's device
 
 
 def generate_for(pipe, suite, seed: int, batch_size: int, **sampling) -> list:
@@ -67,7 +67,9 @@ def evaluate(pipe, per_category: int = 32, seed: int = 0, batch_size: int = 64, 
     encoder = pipe.text_encoder
     if not encoder.has_image_tower:
         raise ConfigError("eval: the pipeline's text encoder has no CLIP image tower, which FID and CLIP score use")
-    fid = FrechetInceptionDistance(feature=CLIPImageFeatures(encoder), normalize=True)
+    # the metric's running sums live where the features come out: the encoder's device
+    fid = FrechetInceptionDistance(feature=CLIPImageFeatures(encoder), normalize=True).to(
+        next(encoder.parameters()).device)
     results: dict = {"per_category": per_category, "seed": seed, "sampling": sampling}
     all_images, all_real, all_prompts = [], [], []
     for split in ("train", "heldout"):

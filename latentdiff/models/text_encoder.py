@@ -113,7 +113,8 @@ class TextEncoder(nn.Module):
         if not self.has_image_tower:
             raise CheckpointError("this text encoder has no image tower (a text-only checkpoint), so it cannot "
                                   "embed images; load a full CLIP checkpoint for CLIP score")
-        return F.normalize(self._image_embedding(self.preprocess_images(images)), dim=-1)
+        pixels = self.preprocess_images(images).to(next(self.parameters()).dtype)  # the tower's dtype (bf16, ...)
+        return F.normalize(self._image_embedding(pixels), dim=-1)
 
     def preprocess_images(self, images: torch.Tensor) -> torch.Tensor:
         """[-1, 1] images -> the image tower's input: resized (bicubic) to image_size, then normalised."""
