@@ -41,22 +41,19 @@ def test_eval_cli_writes_json(stages, tmp_path, capsys):
     assert set(json.loads(out.read_text())["heldout"]) == set(CATEGORIES)
 
 
-def test_autoencoder_ceiling_judges_reconstructions_of_real_renders():
+def test_autoencoder_ceiling_judges_reconstructions_of_real_renders(stages):
     from latentdiff.eval.evaluate import reconstruct
     from latentdiff.eval.geneval import build_prompt_suite, score_images
 
-    class Identity(torch.nn.Module):  # a perfect autoencoder: the ceiling is the judge on real renders
-        def __init__(self):
-            super().__init__()
-            self.anchor = torch.nn.Parameter(torch.zeros(()))
-
-        def encode(self, images):
-            return SimpleNamespace(mode=lambda: images)
-
-        def decode(self, z):
-            return z
-
+    # a perfect autoencoder: the ceiling is the judge on real renders
+    identity = SimpleNamespace(encode_image=lambda images: images, decode_latents=lambda latents: latents)
     suite = build_prompt_suite("heldout", 3)
     real = torch.stack([pil_to_tensor(render_sample(sample)) for _, sample in suite])
-    assert torch.equal(reconstruct(Identity(), real, batch_size=4), real)
-    assert all(v == 1.0 for v in score_images(suite, reconstruct(Identity(), real)).values())
+    assert torch.equal(reconstruct(identity, real, batch_size=4), real)
+    assert all(v == 1.0 for v in score_images(suite, reconstruct(identity, real)).values())
+    # a real pipeline: its autoencoder's posterior mode, decoded
+    pipe = Text2ImagePipeline.from_pretrained(stages["unet"])
+    ae = pipe.autoencoder
+    with torch.no_grad():
+        direct = ae.decode(ae.encode(real[:4]).mode()).clamp(-1, 1)
+    torch.testing.assert_close(reconstruct(pipe, real[:4]), direct, atol=1e-5, rtol=1e-5)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ..checkpoint import load_state_dict_strict, save_tensors
+from ..checkpoint import load_state_dict_strict, read_json, save_tensors
 from ..config import AutoencoderConfig, SamplingConfig, ScheduleConfig, TextEncoderConfig, UNetConfig, from_dict, \
     to_dict
 from ..diffusion import NoiseSchedule
@@ -39,7 +39,7 @@ from ..models.text_encoder_openclip import CLIP_VOCAB_SIZE, OpenCLIPTextEncoder
 from ..models.unet import UNet
 from ..pipeline import Text2ImagePipeline
 from .assemble import assemble_pipeline, warn_if_masked
-from .diffusers_format import read_architecture, read_json
+from .diffusers_format import read_architecture
 from .mapping import require, short_list, split_prefix
 from .sd_variants import context_dim_of, infer_autoencoder_config, infer_open_clip_text_config, \
     infer_transformers_text_config, infer_unet_config, open_clip_text_config, pick_variant

@@ -52,13 +52,9 @@ def generate_for(pipe, suite, seed: int, batch_size: int, **sampling) -> list:
     return images
 
 
-@torch.no_grad()
-def reconstruct(autoencoder, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """(N, 3, H, W) images in [-1, 1] through the autoencoder (posterior mode) and back, clamped."""
-    dtype = next(autoencoder.parameters()).dtype
-    device = next(autoencoder.parameters()).device
-    out = [autoencoder.decode(autoencoder.encode(chunk.to(device, dtype)).mode()).float().cpu()
-           for chunk in images.split(batch_size)]
+def reconstruct(pipe, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """(N, 3, H, W) images in [-1, 1] through the pipeline's autoencoder (posterior mode) and back, clamped."""
+    out = [pipe.decode_latents(pipe.encode_image(chunk)).float().cpu() for chunk in images.split(batch_size)]
     return torch.cat(out).clamp(-1, 1)
 
 
@@ -79,7 +75,7 @@ def evaluate(pipe, per_category: int = 32, seed: int = 0, batch_size: int = 64, 
         results[f"generate_seconds_{split}"] = round(time.time() - start, 1)
         results[split] = score_images(suite, images)
         real = torch.stack([pil_to_tensor(render_sample(sample)) for _, sample in suite])  # (N, 3, H, W)
-        results[f"autoencoder_ceiling_{split}"] = score_images(suite, reconstruct(pipe.autoencoder, real))
+        results[f"autoencoder_ceiling_{split}"] = score_images(suite, reconstruct(pipe, real))
         fake = torch.stack([pil_to_tensor(image) for image in images])
         fid.update((real + 1) / 2, real=True)
         fid.update((fake + 1) / 2, real=False)

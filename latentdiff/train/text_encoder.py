@@ -96,13 +96,14 @@ def train_text_encoder(cfg: TextEncoderTrainingConfig, out_dir: str | Path, resu
         run.log(step, logs)
         run.maybe_checkpoint(step, export)
     if results:
-        scores = (f"held-out retrieval over batches of {cfg.eval_batch_size} distinct captions: {describe(results)}; "
-                  if RETRIEVAL[0] in results else "")
-        if RETRIEVAL[0] in results and isinstance(heldout_set, ShapesDataset):
-            ceiling = retrieval_ceiling(heldout_set, cfg.eval_batch_size, cfg.eval_batches)
-            results.update({f"{name}_ceiling": round(value, 4) for name, value in ceiling.items()})
-            scores += (f"a perfect model would reach t2i_top1 {ceiling['t2i_top1']:.3f}, "
-                       f"i2t_top1 {ceiling['i2t_top1']:.3f} on these batches; ")
+        scores = ""
+        if RETRIEVAL[0] in results:
+            scores = f"held-out retrieval over batches of {cfg.eval_batch_size} distinct captions: {describe(results)}; "
+            if isinstance(heldout_set, ShapesDataset):
+                ceiling = retrieval_ceiling(heldout_set, cfg.eval_batch_size, cfg.eval_batches)
+                results.update({f"{name}_ceiling": round(value, 4) for name, value in ceiling.items()})
+                scores += (f"a perfect model would reach t2i_top1 {ceiling['t2i_top1']:.3f}, "
+                           f"i2t_top1 {ceiling['i2t_top1']:.3f} on these batches; ")
         run.print(f"{scores}{results['train_minutes']} min; saved to {run.out_dir}")
     else:
         run.print(f"nothing to do: {run.out_dir} already finished {cfg.train.steps} steps")
