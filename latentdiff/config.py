@@ -6,6 +6,7 @@ configs/ hold only dataclass fields, and an unknown key is an error that names i
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,22 @@ T = TypeVar("T")
 # ---------------------------------------------------------------------------------------------
 # Machinery: dict <-> dataclass, YAML files, dotted overrides
 # ---------------------------------------------------------------------------------------------
+
+class ConfigLoader(yaml.SafeLoader):
+    """YAML with 1.2 booleans: only true / false. YAML 1.1 also reads yes/no/on/off (any case) as
+    booleans, which turned `mixed_precision: no` into False."""
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+
+
+def read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=ConfigLoader)
+
 
 def to_dict(cfg: Any) -> dict:
     """A dataclass as plain JSON/YAML types (tuples become lists)."""
@@ -131,7 +148,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"override '{text}' has no key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = read_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key, value
@@ -163,7 +180,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = read_yaml(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML ({err})") from None
         try:
@@ -230,7 +247,8 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0            # max grad norm (0 = off)
     grad_accum: int = 1               # gradient accumulation steps
-    mixed_precision: str = "no"       # "no", "fp16" or "bf16" (passed to accelerate)
+    mixed_precision: str = "no"       # "no", "fp16", "bf16" (passed to accelerate), or "auto": bf16 where the
+                                      # hardware multiplies bf16 natively (CUDA with bf16, a CPU with AMX), else "no"
     ema_decay: float = 0.0            # EMA of the weights (0 = off); the EMA weights are what is saved
     seed: int = 0                     # seeds model init and data order
     log_every: int = 25               # steps between metrics rows
@@ -239,7 +257,7 @@ class TrainConfig:
     keep_checkpoints: int = 2         # checkpoints kept on disk (the newest ones)
 
     def __post_init__(self):
-        _check_choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+        _check_choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16", "auto"))
         _check_choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine"))
         if not 0.0 <= self.cooldown_fraction <= 1.0:
             raise ConfigError(f"train.cooldown_fraction: must be between 0 and 1, got {self.cooldown_fraction}")
@@ -303,10 +321,12 @@ class AutoencoderTrainingConfig:
     model: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    # The model still improves fast at the end: a linear cooldown over the last quarter settles it,
-    # and a short EMA (0.99) follows it (0.999 lagged up to 3 dB behind the raw weights).
+    # The model still improves fast at 2,000 steps (29-32 dB between runs); 3,000 reach 34-35 dB. A linear
+    # cooldown over the last quarter settles it, a short EMA (0.99) follows it (0.999 lagged up to 3 dB),
+    # and bf16 autocast, where the CPU has AMX, makes a step about a third cheaper at the same PSNR.
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=2000, batch_size=16, lr=1e-3, grad_clip=0.0, ema_decay=0.99, cooldown_fraction=0.25, log_every=50))
+        steps=3000, batch_size=16, lr=1e-3, grad_clip=0.0, ema_decay=0.99, cooldown_fraction=0.25,
+        mixed_precision="auto", log_every=50))
     scale_batches: int = 50           # batches of training data used to measure the latent std
     eval_batches: int = 20            # batches of held-out data used to measure PSNR
 
@@ -521,8 +541,11 @@ class DiffusionTrainingConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig(prediction="eps", weighting="min_snr"))
     data: DataConfig = field(default_factory=lambda: DataConfig(length=8192))  # the cache holds `length` samples
+    # Objects move into their named region late and fast. Single-object judge (train / held-out, 200
+    # prompts each) on one autoencoder + text encoder: lr 6e-4: 0.32 / 0.33 at step 1,000, 0.82 / 0.75 at
+    # 1,400, 0.92 / 0.84 at 1,600, 0.95 / 0.92 at 1,700; lr 3e-4 got there ~300 steps later, 1e-3 was worse.
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=1400, batch_size=64, lr=3e-4, warmup_steps=100, ema_decay=0.995, log_every=25,
+        steps=1700, batch_size=64, lr=6e-4, warmup_steps=100, ema_decay=0.995, log_every=25,
         sample_every=500, checkpoint_every=500))
     # previews and the pipeline's defaults; guidance 5 placed single objects best (one model: 3 -> 0.55,
     # 5 -> 0.66, 7.5 -> 0.56 on 64 prompts)

@@ -36,6 +36,17 @@ def test_overrides_parse_yaml_values():
     assert parse_override("data.source=my images") == ("data.source", "my images")
 
 
+def test_no_and_off_are_strings_not_booleans(tmp_path):
+    # YAML 1.1 reads `no` as False; mixed_precision=no used to fail with "expected a string, got False".
+    assert apply_overrides(AutoencoderTrainingConfig(), ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  mixed_precision: no\ndata:\n  flip: true\n")
+    cfg = load_config(AutoencoderTrainingConfig, path)
+    assert cfg.train.mixed_precision == "no" and cfg.data.flip is True
+    with pytest.raises(ConfigError, match="data.flip: expected true or false, got 'yes'"):
+        apply_overrides(AutoencoderTrainingConfig(), ["data.flip=yes"])
+
+
 def test_round_trip_through_dict():
     cfg = AutoencoderTrainingConfig()
     assert from_dict(AutoencoderTrainingConfig, to_dict(cfg)) == cfg

@@ -98,7 +98,7 @@ def train_autoencoder(cfg: AutoencoderTrainingConfig, out_dir: str | Path, resum
         logs: dict[str, float] = {}
         for batch in micro_batches:
             images = batch["image"]
-            with run.accelerator.autocast():
+            with run.autocast():
                 recon, posterior = model(images)
                 loss, logs = objective.generator_loss(images, recon, posterior, step, last_layer)
             run.backward(loss)
@@ -107,7 +107,7 @@ def train_autoencoder(cfg: AutoencoderTrainingConfig, out_dir: str | Path, resum
         run.update_ema()
         if objective.gan_active(step):
             for batch in micro_batches:
-                with run.accelerator.autocast():
+                with run.autocast():
                     recon, _ = model(batch["image"])
                     d_loss = objective.discriminator_loss(batch["image"], recon)
                 run.backward(d_loss)

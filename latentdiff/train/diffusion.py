@@ -124,7 +124,7 @@ def train_diffusion(cfg: DiffusionTrainingConfig, out_dir: str | Path, resume: b
             states, mask = cache.text(batch["caption"])
             cond = drop_conditioning({"context": states, "context_mask": mask}, uncond, cfg.objective.cond_dropout,
                                      generator)
-            with run.accelerator.autocast():
+            with run.autocast():
                 loss = objective(unet, z, cond, generator)
             run.backward(loss)
         logs = {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -100,6 +100,24 @@ def lr_scale(train: TrainConfig, step: int) -> float:
     return scale
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix products run natively on `device`: a CUDA GPU with bf16 support, or a CPU with
+    AMX tiles (Intel Sapphire Rapids and later; elsewhere bf16 on a CPU is emulated and slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+        return bool(amx and amx())
+    return False
+
+
+def resolve_mixed_precision(setting: str, device: torch.device) -> str:
+    """train.mixed_precision as accelerate takes it: "auto" becomes "bf16" where native_bf16, else "no"."""
+    if setting != "auto":
+        return setting
+    return "bf16" if native_bf16(device) else "no"
+
+
 def completed_steps(out_dir: str | Path) -> int:
     """Steps finished by the run in `out_dir`, from its newest checkpoint (0 when it has none)."""
     checkpoints = Path(out_dir) / "checkpoints"
@@ -123,7 +141,10 @@ class TrainingRun:
     def __init__(self, out_dir: str | Path, config: Any, train: TrainConfig, *, resume: bool = False,
                  metrics: list[str] = (), accelerator: Accelerator | None = None):
         self.out_dir, self.config, self.train = Path(out_dir), config, train
-        self.accelerator = accelerator or Accelerator(mixed_precision=train.mixed_precision)
+        self.precision = resolve_mixed_precision(train.mixed_precision, PartialState().device)
+        # bf16 needs no loss scaling, so it is a plain torch.autocast (see autocast()) rather than accelerate's
+        # setting, which is fixed once per process: the quickstart trains stages of different precisions in one.
+        self.accelerator = accelerator or Accelerator(mixed_precision="fp16" if self.precision == "fp16" else "no")
         self.modules: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.ema: EMA | None = None
@@ -143,6 +164,8 @@ class TrainingRun:
             save_yaml(config, self.out_dir / "train_config.yaml")
         resume_step = self._read_step(self.resume_from) if self.resume_from else 0
         self.metrics = MetricsLog(self.out_dir / "metrics.csv", list(metrics), resume_step) if self.is_main else None
+        if train.mixed_precision == "auto":
+            self.print(f"train.mixed_precision auto: {self.precision} on {self.device}")
         torch.manual_seed(train.seed)
 
     # -- setup ----------------------------------------------------------------------------------
@@ -154,6 +177,12 @@ class TrainingRun:
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
+
+    def autocast(self):
+        """The context for forward passes: bf16 autocast, accelerate's fp16 autocast, or nothing."""
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return self.accelerator.autocast()
 
     def print(self, *args) -> None:
         if self.is_main:

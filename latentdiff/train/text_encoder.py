@@ -77,7 +77,7 @@ def train_text_encoder(cfg: TextEncoderTrainingConfig, out_dir: str | Path, resu
         run.set_lr(optimizer, cfg.train.lr, step)
         for batch in micro_batches:
             ids, mask = (t.to(run.device) for t in tokenize(batch["caption"]))
-            with accelerator.autocast():
+            with run.autocast():
                 image_features, text_features, logit_scale = model(batch["image"], ids, mask)
                 loss = contrastive(image_features, text_features, logit_scale)
             run.backward(loss)
