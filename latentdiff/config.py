@@ -247,8 +247,8 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0            # max grad norm (0 = off)
     grad_accum: int = 1               # gradient accumulation steps
-    mixed_precision: str = "no"       # "no", "fp16", "bf16" (passed to accelerate), or "auto": bf16 where the
-                                      # hardware multiplies bf16 natively (CUDA with bf16, a CPU with AMX), else "no"
+    mixed_precision: str = "no"       # "no", "fp16" (accelerate: autocast + loss scaling), "bf16" (autocast), or
+                                      # "auto": bf16 where the hardware multiplies bf16 natively (CUDA, a CPU with AMX)
     ema_decay: float = 0.0            # EMA of the weights (0 = off); the EMA weights are what is saved
     seed: int = 0                     # seeds model init and data order
     log_every: int = 25               # steps between metrics rows

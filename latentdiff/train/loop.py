@@ -112,7 +112,7 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def resolve_mixed_precision(setting: str, device: torch.device) -> str:
-    """train.mixed_precision as accelerate takes it: "auto" becomes "bf16" where native_bf16, else "no"."""
+    """The precision a run uses ("no", "fp16" or "bf16"): "auto" becomes "bf16" where native_bf16, else "no"."""
     if setting != "auto":
         return setting
     return "bf16" if native_bf16(device) else "no"
