@@ -141,7 +141,8 @@ class TrainingRun:
     def __init__(self, out_dir: str | Path, config: Any, train: TrainConfig, *, resume: bool = False,
                  metrics: list[str] = (), accelerator: Accelerator | None = None):
         self.out_dir, self.config, self.train = Path(out_dir), config, train
-        self.precision = resolve_mixed_precision(train.mixed_precision, PartialState().device)
+        device = accelerator.device if accelerator is not None else PartialState().device
+        self.precision = resolve_mixed_precision(train.mixed_precision, device)
         # bf16 needs no loss scaling, so it is a plain torch.autocast (see autocast()) rather than accelerate's
         # setting, which is fixed once per process: the quickstart trains stages of different precisions in one.
         self.accelerator = accelerator or Accelerator(mixed_precision="fp16" if self.precision == "fp16" else "no")
