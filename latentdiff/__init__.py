@@ -1,9 +1,8 @@
 """latentdiff: a Stable-Diffusion-style latent text-to-image system you can train on a CPU and read end to end."""
-from .config import AutoencoderConfig, TextEncoderConfig, UNetConfig
 from .errors import CheckpointError, ConfigError, DataError, LatentDiffError
-from .models.autoencoder import AutoencoderKL
-from .models.text_encoder import TextEncoder
-from .models.unet import UNet
+from .models.autoencoder import AutoencoderConfig, AutoencoderKL
+from .models.text_encoder import TextEncoder, TextEncoderConfig
+from .models.unet import UNet, UNetConfig
 from .pipeline import Text2ImageOutput, Text2ImagePipeline
 from .samplers import SAMPLERS
 

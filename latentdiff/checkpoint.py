@@ -1,8 +1,14 @@
-"""Checkpoint folders: `model.safetensors` + `config.json` (config, format version, metadata).
+"""Checkpoint folders: `model.safetensors` + `config.json` (config, format version, metadata), and the one
+reader of weights files.
 
 Nothing is pickled. Files are written to a temporary name and moved into place, so a crash leaves
 either the old file or the new one, never half of one; `config.json` is written last and records the
 SHA-256 of the weights, so a folder whose two files do not belong together is refused on load.
+
+Every weights file latentdiff opens goes through `read_weights`: safetensors always; a pickled PyTorch
+file (.ckpt / .bin / .pt / .pth), which can run code when unpickled, only when the caller passes
+`allow_pickle=True`, and even then with `torch.load(weights_only=True)`, which rebuilds tensors and plain
+containers and refuses any other object.
 """
 from __future__ import annotations
 
@@ -11,18 +17,22 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import from_dict, to_dict
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, short_list
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+SAFETENSORS_SUFFIX = ".safetensors"
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 
 
 def sha256_file(path: str | Path) -> str:
@@ -144,11 +154,74 @@ def load_model_files(folder: str | Path, *, kind: str, config_class: type) -> tu
     if expected and sha256_file(weights) != expected:
         raise CheckpointError(f"{weights}: does not match the hash recorded in {CONFIG_NAME} "
                               f"(the folder holds files from two different saves)")
+    return config, read_weights(weights)[0], info.get("metadata", {})
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    if "WeightsUnpickler error:" in text:  # torch's long refusal: keep its reason, not its advice to drop weights_only
+        reason = text.split("WeightsUnpickler error:", 1)[1].strip()
+        return reason.splitlines()[0].split(". ")[0].rstrip(".")
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def read_weights(path: str | Path, *, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, safetensors metadata) of one weights file; a pickled file's top-level "state_dict" is unwrapped."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == SAFETENSORS_SUFFIX:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+            return load_file(str(path)), metadata
+        except Exception as err:  # safetensors raises its own error types for corrupt files
+            raise CheckpointError(f"{path}: cannot be read as safetensors ({_first_line(err)})") from None
+    if suffix not in PICKLE_SUFFIXES:
+        raise CheckpointError(f"{path}: not a weights file (expected {SAFETENSORS_SUFFIX} or, with --allow-pickle, "
+                              f"{', '.join(PICKLE_SUFFIXES)})")
+    if not allow_pickle:
+        raise CheckpointError(f"{path}: a pickled checkpoint, which can run code when loaded; convert a "
+                              f"{SAFETENSORS_SUFFIX} file instead, or pass --allow-pickle (allow_pickle=True) to read "
+                              f"it with torch.load(weights_only=True)")
     try:
-        state_dict = load_file(str(weights))
-    except Exception as err:  # safetensors raises its own error types for corrupt files
-        raise CheckpointError(f"{weights}: cannot be read as safetensors ({err})") from None
-    return config, state_dict, info.get("metadata", {})
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in many types; a code payload is one of them
+        raise CheckpointError(f"{path}: cannot be read with torch.load(weights_only=True), which loads tensors "
+                              f"and nothing else ({_first_line(err)})") from None
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: holds no state dict")
+    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    others = [k for k in data if k not in tensors]
+    if others:
+        raise CheckpointError(f"{path}: entries that are not tensors: {short_list(others)}")
+    return tensors, {}
+
+
+def read_model_weights(folder: Path, stem: str, *, pickled: str | None = None,
+                       allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The weights of a diffusers / transformers model folder: `stem`.safetensors, its sharded index, or
+    (with allow_pickle) the pickled file `pickled` (default `stem`.bin)."""
+    folder = Path(folder)
+    single = folder / f"{stem}{SAFETENSORS_SUFFIX}"
+    if single.is_file():
+        return read_weights(single)[0]
+    index = folder / f"{stem}{SAFETENSORS_SUFFIX}.index.json"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: not a safetensors shard index (no 'weight_map')")
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            state.update(read_weights(folder / shard)[0])
+        return state
+    pickled_path = folder / (pickled or f"{stem}.bin")
+    if pickled_path.is_file():
+        return read_weights(pickled_path, allow_pickle=allow_pickle)[0]
+    raise CheckpointError(f"{folder}: no weights ({single.name}, its .index.json, or {pickled_path.name})")
 
 
 def load_state_dict_strict(module: torch.nn.Module, state_dict: dict, where: str | Path) -> None:
@@ -160,19 +233,14 @@ def load_state_dict_strict(module: torch.nn.Module, state_dict: dict, where: str
     if missing or unexpected or wrong:
         parts = []
         if missing:
-            parts.append(f"missing keys {_short(missing)}")
+            parts.append(f"missing keys {short_list(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys {_short(unexpected)}")
+            parts.append(f"unexpected keys {short_list(unexpected)}")
         if wrong:
-            parts.append("shape mismatch " + _short(
+            parts.append("shape mismatch " + short_list(
                 [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in wrong]))
         raise CheckpointError(f"{where}: weights do not fit the model built from its config: " + "; ".join(parts))
     module.load_state_dict(state_dict, strict=True)
-
-
-def _short(items: list[str], limit: int = 5) -> str:
-    shown = ", ".join(items[:limit])
-    return f"[{shown}{', ...' if len(items) > limit else ''}] ({len(items)})"
 
 
 def weights_hash(folder: str | Path) -> str:
@@ -180,6 +248,14 @@ def weights_hash(folder: str | Path) -> str:
     info = json.loads((Path(folder) / CONFIG_NAME).read_text())
     digest = info.get("weights_sha256") or sha256_file(Path(folder) / WEIGHTS_NAME)
     return digest[:16]
+
+
+@dataclass(frozen=True)
+class StageIdentity:
+    """Where a loaded stage came from: the hash of its weights (its identity, which the stages trained on it
+    record) and the metadata saved beside them. A module built in memory has the empty identity."""
+    weights_hash: str = ""
+    metadata: dict = field(default_factory=dict)
 
 
 class PretrainedMixin:
@@ -190,6 +266,7 @@ class PretrainedMixin:
 
     checkpoint_kind: str = ""
     config_class: type = object
+    identity: StageIdentity = StageIdentity()  # set by from_pretrained
 
     def save_pretrained(self, folder: str | Path, metadata: dict | None = None) -> None:
         save_model_files(folder, kind=self.checkpoint_kind, config=self.config,
@@ -201,7 +278,6 @@ class PretrainedMixin:
                                                         config_class=cls.config_class)
         model = cls(config)
         load_state_dict_strict(model, state_dict, folder)
-        model.metadata = metadata
-        model.weights_hash = weights_hash(folder)  # identity of this stage, recorded by the stages trained on it
+        model.identity = StageIdentity(weights_hash(folder), metadata)
         model.eval()
         return model

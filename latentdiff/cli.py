@@ -47,15 +47,13 @@ def training_config(config_class: type, args: argparse.Namespace):
 
 
 def run_train_autoencoder(args: argparse.Namespace) -> None:
-    from .config import AutoencoderTrainingConfig
-    from .train.autoencoder import train_autoencoder
+    from .train.autoencoder import AutoencoderTrainingConfig, train_autoencoder
 
     train_autoencoder(training_config(AutoencoderTrainingConfig, args), args.out, resume=args.resume)
 
 
 def run_train_text_encoder(args: argparse.Namespace) -> None:
-    from .config import TextEncoderTrainingConfig
-    from .train.text_encoder import train_text_encoder
+    from .train.text_encoder import TextEncoderTrainingConfig, train_text_encoder
 
     train_text_encoder(training_config(TextEncoderTrainingConfig, args), args.out, resume=args.resume)
 
@@ -67,8 +65,8 @@ def add_diffusion_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train_diffusion(args: argparse.Namespace) -> None:
-    from .config import DiffusionTrainingConfig, apply_overrides
-    from .train.diffusion import train_diffusion
+    from .config import apply_overrides
+    from .train.diffusion import DiffusionTrainingConfig, train_diffusion
 
     cfg = training_config(DiffusionTrainingConfig, args)
     stages = {"autoencoder": args.autoencoder, "text_encoder": args.text_encoder}

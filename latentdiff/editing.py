@@ -1,4 +1,4 @@
-"""img2img and inpainting for Text2ImagePipeline (mixed into it as `pipe.img2img` and `pipe.inpaint`).
+"""img2img and inpainting: generations that start from an image's latent (`pipe.img2img`, `pipe.inpaint`).
 
 img2img (SDEdit, Meng et al. 2022): encode the image, noise its latent to the sigma where a fraction
 `strength` of the sampling schedule remains, and run the rest of the schedule with the prompt.
@@ -10,7 +10,7 @@ mask are then pasted back from the input, so they are kept exactly.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from PIL import Image
 
 from .data.images import pil_to_tensor
 from .errors import ConfigError
+from .latent_diffusion import GenerationRequest, LatentDiffusion
 from .samplers import randn_per_sample
 
 
@@ -63,67 +64,45 @@ class InpaintDenoiser:
         return self.keep * self.known + (1 - self.keep) * denoised
 
 
-class ImageEditingMixin:
-    """img2img and inpainting on top of the Text2ImagePipeline steps (prepare, encode, denoise, decode)."""
+def check_strength(strength: float, *, allow_zero: bool) -> None:
+    """img2img takes strength in [0, 1] (0 returns the reconstruction), inpainting in (0, 1]."""
+    if not (0.0 <= strength <= 1.0) or (strength == 0 and not allow_zero):
+        interval = "[0, 1]" if allow_zero else "(0, 1]"
+        raise ConfigError(f"strength: must be in {interval}, got {strength}")
 
-    @torch.no_grad()
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> (B, C, h, w) scaled latents (the posterior mode: deterministic)."""
-        ae = self.autoencoder
-        self.latent_shape(len(images), images.shape[-2], images.shape[-1])  # checks the size
-        posterior = ae.encode(images.to(self.device, next(ae.parameters()).dtype))
-        return posterior.mode().to(self.dtype) * ae.config.scale_factor
 
-    @torch.no_grad()
-    def img2img(self, prompt: str | Sequence[str], image: Image.Image | torch.Tensor, strength: float = 0.6,
-                negative_prompt: str | Sequence[str] | None = None, *, num_inference_steps: int | None = None,
-                guidance_scale: float | None = None, sampler: str | None = None, num_images_per_prompt: int = 1,
-                seed: int | Sequence[int] | None = None, generator=None, output_type: str = "pil",
-                callback: Callable[[dict], None] | None = None):
-        """Re-draw `image` toward the prompt: strength 0 returns its reconstruction, 1 ignores it."""
-        if not 0.0 <= strength <= 1.0:
-            raise ConfigError(f"strength: must be in [0, 1], got {strength}")
-        request = self.prepare(prompt, negative_prompt, num_images_per_prompt, seed, generator, num_inference_steps,
-                               guidance_scale, sampler, output_type)
-        known = self.encode_image(image_batch(image, len(request.prompts)))
-        latents = self._denoise_from(known, request, strength, callback, keep=None)
-        return self.finish(latents, request)
+def img2img_latents(model: LatentDiffusion, request: GenerationRequest, pixels: torch.Tensor, strength: float,
+                    callback: Callable | None = None) -> torch.Tensor:
+    """Re-draw the (B, 3, H, W) images toward the request's prompts: strength 0 returns their reconstruction,
+    1 ignores them. Returns the scaled latents."""
+    known = model.encode_image(pixels)
+    return denoise_from(model, known, request, strength, callback)
 
-    @torch.no_grad()
-    def inpaint(self, prompt: str | Sequence[str], image: Image.Image | torch.Tensor,
-                mask: Image.Image | torch.Tensor, negative_prompt: str | Sequence[str] | None = None, *,
-                strength: float = 1.0, num_inference_steps: int | None = None, guidance_scale: float | None = None,
-                sampler: str | None = None, num_images_per_prompt: int = 1, seed: int | Sequence[int] | None = None,
-                generator=None, output_type: str = "pil", callback: Callable[[dict], None] | None = None):
-        """Repaint the mask's white (1) pixels following the prompt; the other pixels are kept exactly."""
-        if not 0.0 < strength <= 1.0:
-            raise ConfigError(f"strength: must be in (0, 1], got {strength}")
-        request = self.prepare(prompt, negative_prompt, num_images_per_prompt, seed, generator, num_inference_steps,
-                               guidance_scale, sampler, output_type)
-        pixels = image_batch(image, len(request.prompts))
-        height, width = pixels.shape[-2:]
-        repaint = mask_batch(mask, len(request.prompts), (width, height)).to(self.device)  # (B, 1, H, W)
-        known = self.encode_image(pixels)
-        # a latent cell is repainted if any of its pixels is
-        keep = 1 - F.adaptive_max_pool2d(repaint, known.shape[-2:]).to(self.dtype)
-        latents = self._denoise_from(known, request, strength, callback, keep=keep)
-        if request.output_type == "latent":
-            return self.finish(latents, request)
-        decoded = self.decode_latents(latents)
-        pasted = repaint * decoded.float() + (1 - repaint) * pixels.to(decoded.device)
-        return self.finish(latents, request, images=pasted)
 
-    def _denoise_from(self, known: torch.Tensor, request, strength: float, callback, keep: torch.Tensor | None):
-        """Noise `known` to the sigma where `strength` of the schedule remains, then sample down to 0."""
-        sigmas = self.sigmas(request.steps)
-        start = request.steps - int(round(request.steps * strength))
-        sigmas = sigmas[start:].to(self.device)  # strength 0 leaves [0]: no step, the latent is returned as is
-        noise = randn_per_sample(known.shape, request.generators, dtype=known.dtype, device=self.device)
-        x = known + sigmas[0].to(known.dtype) * noise
-        if len(sigmas) == 1:
-            return x
-        denoiser = None
-        if keep is not None:
-            denoiser = lambda base: InpaintDenoiser(base, known, keep)  # noqa: E731 (wraps the guided denoiser)
-        return self.denoise(x, sigmas, request.cond, guidance_scale=request.guidance_scale, sampler=request.sampler,
-                            generators=request.generators, callback=callback, wrap=denoiser)
+def inpaint_images(model: LatentDiffusion, request: GenerationRequest, pixels: torch.Tensor, repaint: torch.Tensor,
+                   strength: float, callback: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Repaint where the (B, 1, H, W) mask `repaint` is 1; keep the other pixels of `pixels` exactly.
+    Returns (scaled latents, the pasted (B, 3, H, W) images; None when only latents were asked for)."""
+    repaint = repaint.to(model.device)
+    known = model.encode_image(pixels)
+    # a latent cell is repainted if any of its pixels is
+    keep = 1 - F.adaptive_max_pool2d(repaint, known.shape[-2:]).to(model.dtype)
+    latents = denoise_from(model, known, request, strength, callback,
+                           wrap=lambda denoiser: InpaintDenoiser(denoiser, known, keep))
+    if request.output_type == "latent":
+        return latents, None
+    decoded = model.decode_latents(latents)
+    return latents, repaint * decoded.float() + (1 - repaint) * pixels.to(decoded.device)
+
+
+def denoise_from(model: LatentDiffusion, known: torch.Tensor, request: GenerationRequest, strength: float,
+                 callback: Callable | None, wrap: Callable | None = None) -> torch.Tensor:
+    """Noise `known` to the sigma where `strength` of the schedule remains, then sample down to 0."""
+    sigmas = model.sigmas(request.steps)
+    start = request.steps - int(round(request.steps * strength))
+    sigmas = sigmas[start:].to(model.device)  # strength 0 leaves [0]: no step, the latent is returned as is
+    noise = randn_per_sample(known.shape, request.generators, dtype=known.dtype, device=model.device)
+    x = known + sigmas[0].to(known.dtype) * noise
+    if len(sigmas) == 1:
+        return x
+    return model.denoise(x, sigmas, request, wrap=wrap, callback=callback)

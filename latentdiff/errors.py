@@ -15,3 +15,10 @@ class DataError(LatentDiffError):
 
 class CheckpointError(LatentDiffError):
     """A checkpoint is missing, malformed, or does not fit the stages it is loaded with."""
+
+
+def short_list(items, limit: int = 8) -> str:
+    """`[a, b, ...] (n)`: the first `limit` of `items`, sorted, and how many there are, for one-line messages."""
+    items = sorted(map(str, items))
+    shown = ", ".join(items[:limit])
+    return f"[{shown}{', ...' if len(items) > limit else ''}] ({len(items)})"

@@ -9,12 +9,11 @@ import argparse
 import re
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from .errors import CheckpointError, ConfigError
 from .grid import prompt_grid
-from .pipeline import Text2ImagePipeline, check_sampler
+from .pipeline import Text2ImagePipeline
 from .png_info import GenerationParams, read_png_params, save_png
 
 DEFAULT_PIPELINE = "weights/diffusion"
@@ -65,7 +64,7 @@ def load_pipeline(folder: str, device: str):
 
 
 def stage_hashes(pipe) -> dict[str, str]:
-    return {name: getattr(getattr(pipe, name), "weights_hash", "") for name in ("autoencoder", "text_encoder", "unet")}
+    return {name: getattr(pipe, name).identity.weights_hash for name in ("autoencoder", "text_encoder", "unet")}
 
 
 def run_generate(args: argparse.Namespace) -> list[Path]:
@@ -78,28 +77,20 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
         raise ConfigError(f"--n must be at least 1, got {args.n}")
     width, height = parse_size(args.size)
     pipe = load_pipeline(args.pipeline or DEFAULT_PIPELINE, args.device)
-    defaults = pipe.sampling
-    steps = args.steps if args.steps is not None else defaults.steps
-    if steps < 1:
-        raise ConfigError(f"--steps must be at least 1, got {steps}")
-    scale = args.cfg if args.cfg is not None else defaults.guidance_scale
-    sampler = args.sampler or defaults.sampler
-    seed = args.seed if args.seed is not None else int(torch.randint(0, 2 ** 31 - 1_000_000, ()))
-    check_sampler(sampler)
-    pipe.latent_shape(1, height, width)  # refuse a bad size before any work starts
+    request = pipe.request(prompts, args.negative, num_inference_steps=args.steps, guidance_scale=args.cfg,
+                           sampler=args.sampler, height=height, width=width, num_images_per_prompt=args.n,
+                           seed=args.seed)  # every check before any work starts
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    total = len(prompts) * args.n * steps
-    with tqdm(total=total, desc="generating", dynamic_ncols=True) as bar:
-        result = pipe(prompts, args.negative, num_inference_steps=steps, guidance_scale=scale, sampler=sampler,
-                      height=height, width=width, num_images_per_prompt=args.n, seed=seed,
-                      callback=lambda info: bar.update(1))
+    with tqdm(total=request.steps, desc="generating", dynamic_ncols=True) as bar:  # one batch: a tick per step
+        result = pipe.generate(request, callback=lambda info: bar.update(1))
     written = []
     index = next_index(out)
     hashes, pipeline_dir = stage_hashes(pipe), str(Path(args.pipeline or DEFAULT_PIPELINE))
     for k, (image, prompt, image_seed) in enumerate(zip(result.images, result.prompts, result.seeds)):
-        params = GenerationParams(prompt=prompt, negative_prompt=args.negative, seed=image_seed, steps=steps,
-                                  sampler=sampler, guidance_scale=scale, spacing=defaults.spacing,
+        params = GenerationParams(prompt=prompt, negative_prompt=args.negative, seed=image_seed, steps=request.steps,
+                                  sampler=request.sampler, guidance_scale=request.guidance_scale,
+                                  spacing=pipe.sampling.spacing,
                                   width=image.width, height=image.height, stages=hashes, pipeline=pipeline_dir)
         path = out / f"{index + k:05d}-{image_seed}-{slug(prompt)}.png"
         save_png(image, path, params)

@@ -10,13 +10,13 @@ import argparse
 import time
 from pathlib import Path
 
-from .config import AutoencoderTrainingConfig, DiffusionTrainingConfig, TextEncoderTrainingConfig, apply_overrides
+from .config import apply_overrides
 from .grid import prompt_grid
 from .pipeline import Text2ImagePipeline
-from .train.autoencoder import train_autoencoder
-from .train.diffusion import train_diffusion
+from .train.autoencoder import AutoencoderTrainingConfig, train_autoencoder
+from .train.diffusion import DiffusionTrainingConfig, train_diffusion
 from .train.loop import completed_steps
-from .train.text_encoder import train_text_encoder
+from .train.text_encoder import TextEncoderTrainingConfig, train_text_encoder
 
 PROMPTS = (
     "a red circle in the top left",

@@ -17,9 +17,14 @@ they agree.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+
+from .config import check_choice
+from .diffusion.schedules import SPACINGS
+from .errors import ConfigError
 
 Generators = Sequence[torch.Generator] | torch.Generator | None
 
@@ -63,37 +68,41 @@ def _steps(x: torch.Tensor, sigmas: torch.Tensor):
         yield i, sigmas[i], sigmas[i + 1], sigmas[i] * ones
 
 
-def _report(callback: Callable | None, i: int, x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> None:
+def _denoise(denoiser, x: torch.Tensor, sigma_in: torch.Tensor, cond: dict, callback: Callable | None, i: int,
+             sigma: torch.Tensor) -> torch.Tensor:
+    """D(x, σ) for step i, reported to the callback before the step uses it."""
+    denoised = denoiser(x, sigma_in, cond)
     if callback is not None:
         callback({"i": i, "x": x, "sigma": sigma, "denoised": denoised})
+    return denoised
+
+
+def _probability_flow(denoiser, x, sigmas, cond, callback, *, heun: bool):
+    """Steps of the probability-flow ODE dx/dσ = (x - D(x, σ))/σ: Euler's, or Heun's with a corrector that
+    evaluates D again at the Euler point (not on the step to σ = 0, where σ_next would divide by 0)."""
+    for i, sigma, sigma_next, sigma_in in _steps(x, sigmas):
+        denoised = _denoise(denoiser, x, sigma_in, cond, callback, i, sigma)
+        d = (x - denoised) / sigma
+        dt = sigma_next - sigma
+        x_euler = x + d * dt
+        if not heun or sigma_next == 0:
+            x = x_euler
+            continue
+        d_next = (x_euler - denoiser(x_euler, sigma_next * torch.ones_like(sigma_in), cond)) / sigma_next
+        x = x + (d + d_next) / 2 * dt
+    return x
 
 
 @torch.no_grad()
 def sample_euler(denoiser, x, sigmas, *, cond, generator=None, callback=None):
-    """Euler's method on the probability-flow ODE dx/dσ = (x - D(x, σ))/σ (Karras et al. 2022, alg. 2, no churn)."""
-    for i, sigma, sigma_next, sigma_in in _steps(x, sigmas):
-        denoised = denoiser(x, sigma_in, cond)
-        _report(callback, i, x, sigma, denoised)
-        d = (x - denoised) / sigma
-        x = x + d * (sigma_next - sigma)
-    return x
+    """Euler's method on the probability-flow ODE (Karras et al. 2022, alg. 2, no churn)."""
+    return _probability_flow(denoiser, x, sigmas, cond, callback, heun=False)
 
 
 @torch.no_grad()
 def sample_heun(denoiser, x, sigmas, *, cond, generator=None, callback=None):
     """Heun's 2nd-order method on the probability-flow ODE (Karras et al. 2022, alg. 1); Euler for the step to 0."""
-    for i, sigma, sigma_next, sigma_in in _steps(x, sigmas):
-        denoised = denoiser(x, sigma_in, cond)
-        _report(callback, i, x, sigma, denoised)
-        d = (x - denoised) / sigma
-        dt = sigma_next - sigma
-        if sigma_next == 0:
-            x = x + d * dt
-            continue
-        x_euler = x + d * dt
-        d_next = (x_euler - denoiser(x_euler, sigma_next * torch.ones_like(sigma_in), cond)) / sigma_next
-        x = x + (d + d_next) / 2 * dt
-    return x
+    return _probability_flow(denoiser, x, sigmas, cond, callback, heun=True)
 
 
 def ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor,
@@ -108,8 +117,7 @@ def ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor,
 def sample_euler_ancestral(denoiser, x, sigmas, *, cond, generator=None, callback=None, eta=1.0):
     """Euler ancestral sampling (k-diffusion): an Euler step to σ_down, then fresh noise of std σ_up."""
     for i, sigma, sigma_next, sigma_in in _steps(x, sigmas):
-        denoised = denoiser(x, sigma_in, cond)
-        _report(callback, i, x, sigma, denoised)
+        denoised = _denoise(denoiser, x, sigma_in, cond, callback, i, sigma)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         x = x + (x - denoised) / sigma * (sigma_down - sigma)
         if sigma_next > 0 and eta > 0:
@@ -121,8 +129,7 @@ def sample_euler_ancestral(denoiser, x, sigmas, *, cond, generator=None, callbac
 def sample_ddim(denoiser, x, sigmas, *, cond, generator=None, callback=None, eta=0.0):
     """DDIM (Song et al. 2021, eq. 12) in VP coordinates; η = 0 is deterministic, η = 1 is DDPM's posterior."""
     for i, sigma, sigma_next, sigma_in in _steps(x, sigmas):
-        denoised = denoiser(x, sigma_in, cond)
-        _report(callback, i, x, sigma, denoised)
+        denoised = _denoise(denoiser, x, sigma_in, cond, callback, i, sigma)
         eps = (x - denoised) / sigma
         # sqrt(ᾱ) and sqrt(1 - ᾱ) at σ_next, written without the cancellation in 1 - ᾱ.
         alpha_next = (1 + sigma_next ** 2).rsqrt()
@@ -147,8 +154,7 @@ def sample_dpmpp_2m(denoiser, x, sigmas, *, cond, generator=None, callback=None)
     """DPM-Solver++(2M) (Lu et al. 2022, alg. 2): multistep, 2nd order in λ = -log σ; 1st on the first and last step."""
     old_denoised, h_last = None, None
     for i, sigma, sigma_next, sigma_in in _steps(x, sigmas):
-        denoised = denoiser(x, sigma_in, cond)
-        _report(callback, i, x, sigma, denoised)
+        denoised = _denoise(denoiser, x, sigma_in, cond, callback, i, sigma)
         if sigma_next == 0:
             x = denoised  # the exponential integrator's limit as σ_next -> 0
             continue
@@ -171,3 +177,28 @@ SAMPLERS: dict[str, Callable] = {
     "heun": sample_heun,
     "dpmpp_2m": sample_dpmpp_2m,
 }
+
+
+def check_sampler(name: str, where: str = "sampler") -> None:
+    """ConfigError unless `name` is in the SAMPLERS registry (read at call time: a sampler added later counts)."""
+    if name not in SAMPLERS:
+        raise ConfigError(f"{where}: unknown sampler {name!r} (known: {', '.join(SAMPLERS)})")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    sampler: str = "dpmpp_2m"         # a name in SAMPLERS
+    steps: int = 20                   # denoising steps
+    guidance_scale: float = 3.0       # classifier-free guidance scale (1 = no guidance)
+    spacing: str = "leading"          # sigma spacing: "leading", "trailing", "linspace" or "karras"
+    steps_offset: int = 1             # added to "leading" timesteps (SD: 1; diffusers' scheduler field of that name)
+
+    def __post_init__(self):
+        check_sampler(self.sampler, "sampling.sampler")
+        check_choice("sampling.spacing", self.spacing, SPACINGS)
+        if self.steps < 1:
+            raise ConfigError(f"sampling.steps: must be at least 1, got {self.steps}")
+        if self.steps_offset < 0:
+            raise ConfigError(f"sampling.steps_offset: must be at least 0, got {self.steps_offset}")
+        if self.guidance_scale < 0:
+            raise ConfigError(f"sampling.guidance_scale: must be at least 0, got {self.guidance_scale}")

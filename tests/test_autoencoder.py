@@ -2,9 +2,8 @@ import pytest
 import torch
 
 from latentdiff.checkpoint import CONFIG_NAME, WEIGHTS_NAME
-from latentdiff.config import AutoencoderConfig
 from latentdiff.errors import CheckpointError
-from latentdiff.models.autoencoder import AutoencoderKL, DiagonalGaussian
+from latentdiff.models.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian
 
 TINY = dict(ch=8, norm_groups=4, num_res_blocks=1, resolution=16)
 
@@ -54,7 +53,7 @@ def test_save_load_round_trip_is_exact(tmp_path):
     model.save_pretrained(tmp_path, metadata={"psnr": 31.0})
     loaded = AutoencoderKL.from_pretrained(tmp_path)
     assert loaded.config == model.config and loaded.scale_factor == 0.7
-    assert loaded.metadata["psnr"] == 31.0
+    assert loaded.identity.metadata["psnr"] == 31.0
     x = torch.randn(1, 3, 16, 16)
     assert torch.equal(loaded.decode(loaded.encode(x).mode()), model.decode(model.encode(x).mode()))
     for key, value in model.state_dict().items():
@@ -85,7 +84,8 @@ def test_mismatched_weights_are_refused_with_key_names(tmp_path):
 
 
 def test_sd_sized_preset_builds_and_runs(tmp_path):
-    from latentdiff.config import AutoencoderTrainingConfig, load_config
+    from latentdiff.config import load_config
+    from latentdiff.train.autoencoder import AutoencoderTrainingConfig
     cfg = load_config(AutoencoderTrainingConfig, "configs/autoencoder/sd.yaml").model
     assert cfg.downsample_factor == 8 and cfg.ch_mult == (1, 2, 4, 4) and cfg.ch == 128
     with torch.device("meta"):

@@ -2,9 +2,8 @@
 import pytest
 
 from latentdiff.cli import main
-from latentdiff.config import UNetConfig
 from latentdiff.eval.bench import BenchCase, bench_unet, diffusers_twin, unet_for_bench
-from latentdiff.models.unet import UNet
+from latentdiff.models.unet import UNet, UNetConfig
 
 TINY = BenchCase(UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
                             num_heads=2, context_dim=8, norm_groups=4), latent_size=8, context_length=5, batch=2)

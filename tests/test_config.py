@@ -2,9 +2,10 @@ from pathlib import Path
 
 import pytest
 
-from latentdiff.config import (AutoencoderTrainingConfig, DataConfig, apply_overrides, from_dict, load_config,
-                               parse_override, to_dict)
+from latentdiff.config import apply_overrides, from_dict, load_config, parse_override, to_dict
+from latentdiff.data.sources import DataConfig
 from latentdiff.errors import ConfigError
+from latentdiff.train.autoencoder import AutoencoderTrainingConfig
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -11,21 +11,37 @@ import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from latentdiff.config import AutoencoderConfig, SamplingConfig, ScheduleConfig, TextEncoderConfig
 from latentdiff.convert import detect_format
 from latentdiff.convert.mapping import check_fixed, rename, state_hash
 from latentdiff.convert.scheduler_config import SAMPLER_SCHEDULERS, schedule_from_diffusers, schedule_to_diffusers
-from latentdiff.convert.sd_variants import SD_VARIANTS, infer_autoencoder_config, infer_open_clip_text_config, \
-    infer_transformers_text_config, infer_unet_config
-from latentdiff.convert.text_encoder_keys import identity_block, open_clip_to_transformers, \
-    transformers_config_for_open_clip, transformers_to_open_clip
+from latentdiff.convert.sd_variants import (
+    SD_VARIANTS,
+    infer_autoencoder_config,
+    infer_open_clip_text_config,
+    infer_transformers_text_config,
+    infer_unet_config,
+)
+from latentdiff.convert.text_encoder_keys import (
+    identity_block,
+    open_clip_to_transformers,
+    transformers_config_for_open_clip,
+    transformers_to_open_clip,
+)
 from latentdiff.convert.unet_keys import unet_config_from_diffusers, unet_config_to_diffusers, unet_key_map
-from latentdiff.convert.vae_keys import vae_config_from_diffusers, vae_config_to_diffusers, vae_from_diffusers, \
-    vae_key_map, vae_to_diffusers
+from latentdiff.convert.vae_keys import (
+    vae_config_from_diffusers,
+    vae_config_to_diffusers,
+    vae_from_diffusers,
+    vae_key_map,
+    vae_to_diffusers,
+)
+from latentdiff.diffusion.schedules import ScheduleConfig
 from latentdiff.errors import CheckpointError
-from latentdiff.models.autoencoder import AutoencoderKL
+from latentdiff.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from latentdiff.models.text_encoder import TextEncoderConfig
 from latentdiff.models.text_encoder_openclip import OpenCLIPTextEncoder
 from latentdiff.models.unet import UNet
+from latentdiff.samplers import SamplingConfig
 
 
 def perturbed(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from latentdiff.config import ScheduleConfig
 from latentdiff.diffusion import Denoiser, NoiseSchedule
+from latentdiff.diffusion.schedules import ScheduleConfig
 from latentdiff.guidance import CFGDenoiser
 from latentdiff.samplers import sample_euler
 

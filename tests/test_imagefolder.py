@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from latentdiff.config import DataConfig
 from latentdiff.data import ImageFolderDataset, build_dataset, load_image, pil_to_tensor, tensor_to_pil
 from latentdiff.data.imagefolder import HELDOUT_FRACTION
 from latentdiff.data.images import resize_and_crop
+from latentdiff.data.sources import DataConfig
 from latentdiff.errors import ConfigError, DataError
 
 

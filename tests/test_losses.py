@@ -3,9 +3,10 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from latentdiff.config import ObjectiveConfig, ScheduleConfig
-from latentdiff.diffusion import (Denoiser, DiffusionLoss, NoiseSchedule, drop_conditioning, sample_noise,
-                                  sample_timesteps, snr_weights, training_target)
+from latentdiff.diffusion import DiffusionLoss, NoiseSchedule, drop_conditioning, sample_noise, sample_timesteps
+from latentdiff.diffusion.losses import ObjectiveConfig
+from latentdiff.diffusion.prediction import PREDICTIONS
+from latentdiff.diffusion.schedules import ScheduleConfig
 from latentdiff.errors import ConfigError
 
 
@@ -25,52 +26,18 @@ def test_v_target_matches_diffusers(schedule):
     x0, noise = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen)
     t = torch.tensor([0, 500, 999])
     alpha, sigma = vp_at(schedule, t)
-    ours = training_target("v", x0, noise, alpha.float(), sigma.float())
+    ours = PREDICTIONS["v"].target(x0, noise, alpha.float(), sigma.float())
     theirs = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").get_velocity(x0, noise, t)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
-    assert training_target("eps", x0, noise, alpha, sigma) is noise
-    assert training_target("x0", x0, noise, alpha, sigma) is x0
-
-
-@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
-def test_the_target_is_what_the_denoiser_turns_back_into_x0(prediction, schedule):
-    """Training targets and the sampler-side conversion agree: a net that outputs the target gives back x0."""
-    gen = torch.Generator().manual_seed(1)
-    x0, noise = torch.randn(2, 4, 2, 4, 4, generator=gen, dtype=torch.float64)
-    t = torch.tensor([3, 250, 700, 990])
-    alpha, sigma_vp = vp_at(schedule, t)
-    target = training_target(prediction, x0, noise, alpha, sigma_vp)
-    x_sigma = (alpha * x0 + sigma_vp * noise) / alpha  # sigma space: x0 + σ·ε
-    denoiser = Denoiser(lambda x, t, c, context_mask=None: target, schedule, prediction)
-    out = denoiser(x_sigma, schedule.sigmas[t], {"context": torch.zeros(4, 1, 1)})
-    torch.testing.assert_close(out, x0, rtol=1e-9, atol=1e-9)
+    assert PREDICTIONS["eps"].target(x0, noise, alpha, sigma) is noise
+    assert PREDICTIONS["x0"].target(x0, noise, alpha, sigma) is x0
 
 
 def test_min_snr_weights():
     snr = torch.tensor([0.0, 0.1, 5.0, 50.0], dtype=torch.float64)
     expected = {"eps": [1.0, 1.0, 1.0, 0.1], "v": [0.0, 0.1 / 1.1, 5 / 6, 5 / 51], "x0": [0.0, 0.1, 5.0, 5.0]}
     for prediction, weights in expected.items():
-        torch.testing.assert_close(snr_weights(snr, prediction, "min_snr", 5.0), torch.tensor(weights).double())
-    for prediction in ("eps", "v", "x0"):
-        assert torch.equal(snr_weights(snr, prediction, "uniform"), torch.ones_like(snr))
-
-
-def test_min_snr_is_the_same_x0_weighting_for_every_prediction(schedule):
-    """Hang et al.: each prediction type's weighted loss equals min(SNR, γ)·|x0 error|²."""
-    gen = torch.Generator().manual_seed(2)
-    t = torch.tensor([10, 300, 800])
-    alpha, sigma_vp = vp_at(schedule, t)
-    snr = (alpha / sigma_vp).flatten() ** 2
-    x0, noise = torch.randn(2, 3, 2, 4, 4, generator=gen, dtype=torch.float64)
-    x_sigma = x0 + (sigma_vp / alpha) * noise
-    cond = {"context": torch.zeros(3, 1, 1)}
-    for prediction in ("eps", "v", "x0"):
-        error = torch.randn(3, 2, 4, 4, generator=gen, dtype=torch.float64)
-        target = training_target(prediction, x0, noise, alpha, sigma_vp)
-        denoised = Denoiser(lambda *a, **k: target + error, schedule, prediction)(x_sigma, schedule.sigmas[t], cond)
-        x0_loss = (denoised - x0).pow(2).mean(dim=(1, 2, 3))
-        weighted = snr_weights(snr, prediction, "min_snr", 5.0) * error.pow(2).mean(dim=(1, 2, 3))
-        torch.testing.assert_close(weighted, snr.clamp(max=5.0) * x0_loss, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(PREDICTIONS[prediction].min_snr_weight(snr, 5.0), torch.tensor(weights).double())
 
 
 @pytest.mark.parametrize("prediction,weighting", [("eps", "uniform"), ("v", "min_snr"), ("x0", "min_snr")])
@@ -95,8 +62,9 @@ def test_loss_is_the_weighted_error_of_the_drawn_batch(prediction, weighting, sc
     assert torch.equal(seen["t"], t.float()) and seen["context"] is context
     torch.testing.assert_close(seen["x_t"], x_t)
     snr = (alpha / sigma_vp).flatten().double() ** 2
-    per_sample = (0.5 * x_t - training_target(prediction, x0, noise, alpha, sigma_vp)).pow(2).mean(dim=(1, 2, 3))
-    expected = (snr_weights(snr, prediction, weighting, 5.0).float() * per_sample).mean()
+    per_sample = (0.5 * x_t - PREDICTIONS[prediction].target(x0, noise, alpha, sigma_vp)).pow(2).mean(dim=(1, 2, 3))
+    weights = PREDICTIONS[prediction].min_snr_weight(snr, 5.0) if weighting == "min_snr" else torch.ones_like(snr)
+    expected = (weights.float() * per_sample).mean()
     torch.testing.assert_close(loss, expected)
     loss.backward()
     assert scale.grad is not None and scale.grad != 0

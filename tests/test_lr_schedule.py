@@ -3,9 +3,8 @@ import math
 
 import pytest
 
-from latentdiff.config import TrainConfig
 from latentdiff.errors import ConfigError
-from latentdiff.train.loop import lr_scale
+from latentdiff.train.loop import TrainConfig, lr_scale
 
 
 def test_warmup_then_constant():

@@ -1,12 +1,10 @@
 """train.mixed_precision: "auto" picks bf16 only where it is native; stages of different precisions train
 in one process (the quickstart does), which accelerate's per-process setting would refuse."""
 import torch
-
 from test_train_autoencoder import tiny_config
 
-from latentdiff.config import TrainConfig
 from latentdiff.train.autoencoder import train_autoencoder
-from latentdiff.train.loop import TrainingRun, resolve_mixed_precision
+from latentdiff.train.loop import TrainConfig, TrainingRun, resolve_mixed_precision
 
 CPU = torch.device("cpu")
 

@@ -91,7 +91,7 @@ def test_run_folder_and_saved_pipeline_folder_give_the_same_images(stages, pipe,
     loaded = Text2ImagePipeline.from_pretrained(tmp_path / "moved")
     assert np.array_equal(generate(loaded, "a red circle", seed=3), expected)
     assert loaded.sampling == pipe.sampling
-    assert loaded.unet.metadata["trained_with"]["autoencoder"]["weights_hash"] == weights_hash(stages["autoencoder"])
+    assert loaded.unet.identity.metadata["trained_with"]["autoencoder"]["weights_hash"] == weights_hash(stages["autoencoder"])
 
 
 def test_saved_pipeline_keeps_edited_sampling_defaults_and_other_dtypes(stages, tmp_path):

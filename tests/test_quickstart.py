@@ -9,9 +9,12 @@ from tiny_stages import TINY_TRAINING
 
 from latentdiff import Text2ImagePipeline, quickstart
 from latentdiff.cli import main
-from latentdiff.config import AutoencoderTrainingConfig, DiffusionTrainingConfig, TextEncoderTrainingConfig, apply_overrides
+from latentdiff.config import apply_overrides
 from latentdiff.eval.evaluate import evaluate
+from latentdiff.train.autoencoder import AutoencoderTrainingConfig
+from latentdiff.train.diffusion import DiffusionTrainingConfig
 from latentdiff.train.loop import completed_steps
+from latentdiff.train.text_encoder import TextEncoderTrainingConfig
 
 
 def tiny_plan(root: Path):

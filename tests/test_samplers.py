@@ -7,13 +7,30 @@ import math
 
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, HeunDiscreteScheduler)
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+)
 
-from latentdiff.config import ScheduleConfig
+from latentdiff.config import apply_overrides
 from latentdiff.diffusion import Denoiser, NoiseSchedule
-from latentdiff.samplers import SAMPLERS, initial_latent, randn_per_sample, sample_ddim, sample_ddpm, \
-    sample_euler, sample_euler_ancestral
+from latentdiff.diffusion.schedules import ScheduleConfig
+from latentdiff.errors import ConfigError
+from latentdiff.samplers import (
+    SAMPLERS,
+    SamplingConfig,
+    initial_latent,
+    randn_per_sample,
+    sample_ddim,
+    sample_ddpm,
+    sample_euler,
+    sample_euler_ancestral,
+)
+from latentdiff.train.diffusion import DiffusionTrainingConfig
 
 SHAPE = (1, 4, 8, 8)
 STEPS = 10
@@ -150,12 +167,6 @@ def test_denoiser_never_clips_x0(schedule):
     assert torch.all(out == 7.0)
 
 
-def test_denoiser_rejects_unknown_prediction(schedule):
-    from latentdiff.errors import ConfigError
-    with pytest.raises(ConfigError, match="prediction"):
-        Denoiser(fake_net, schedule, "score")
-
-
 # ---------------------------------------------------------------------------------------------
 # Parity with diffusers
 # ---------------------------------------------------------------------------------------------
@@ -265,3 +276,12 @@ def check_parity(name, options, prediction, spacing, dtype, schedule, **diffuser
                            options.get("eta", 0.0))
     assert ours.dtype == dtype
     torch.testing.assert_close(ours, theirs.to(dtype), rtol=1e-5, atol=1e-5)
+
+
+def test_a_sampler_added_to_the_registry_is_accepted_by_the_config_check(monkeypatch):
+    with pytest.raises(ConfigError, match="sampling.sampler: unknown sampler 'my_euler'"):
+        SamplingConfig(sampler="my_euler")
+    monkeypatch.setitem(SAMPLERS, "my_euler", sample_euler)  # the only edit a new sampler needs
+    assert SamplingConfig(sampler="my_euler").sampler == "my_euler"
+    cfg = apply_overrides(DiffusionTrainingConfig(), ["sampling.sampler=my_euler"])
+    assert cfg.sampling.sampler == "my_euler"

@@ -3,8 +3,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
-from latentdiff.config import ScheduleConfig, apply_overrides
+from latentdiff.config import apply_overrides
 from latentdiff.diffusion import NoiseSchedule, karras_sigmas
+from latentdiff.diffusion.schedules import ScheduleConfig
 from latentdiff.errors import ConfigError
 
 DIFFUSERS_KIND = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}

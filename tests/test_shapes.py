@@ -9,15 +9,31 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from latentdiff.config import DataConfig
 from latentdiff.data import ShapesDataset, build_dataset
 from latentdiff.data.shapes import (
-    COLOURS, HELDOUT_COLOUR_SHAPES, HELDOUT_RELATIONS, KINDS, REGIONS, SHAPES, ObjectSpec,
-    canonical_relation, generate_sample, is_heldout, make_sample, relation_holds, render_sample,
+    COLOURS,
+    HELDOUT_COLOUR_SHAPES,
+    HELDOUT_RELATIONS,
+    KINDS,
+    REGIONS,
+    SHAPES,
+    ObjectSpec,
+    canonical_relation,
+    generate_sample,
+    is_heldout,
+    make_sample,
+    relation_holds,
+    render_sample,
 )
 from latentdiff.data.shapes_captions import (
-    COLOUR_WORDS, COUNT_WORDS, REGION_WORDS, RELATION_WORDS, SHAPE_WORDS, caption_sample,
+    COLOUR_WORDS,
+    COUNT_WORDS,
+    REGION_WORDS,
+    RELATION_WORDS,
+    SHAPE_WORDS,
+    caption_sample,
 )
+from latentdiff.data.sources import DataConfig
 
 
 def has_word(caption: str, words) -> bool:

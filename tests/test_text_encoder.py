@@ -19,15 +19,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import open_clip  # noqa: E402
 from open_clip.tokenizer import default_bpe  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPTextModel,  # noqa: E402
-                          CLIPTokenizer)
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 from latentdiff.checkpoint import save_model_files  # noqa: E402
-from latentdiff.config import ConfigError, TextEncoderConfig, apply_overrides  # noqa: E402
+from latentdiff.config import ConfigError, apply_overrides  # noqa: E402
 from latentdiff.errors import CheckpointError  # noqa: E402
 from latentdiff.eval import clip_score, distinct_caption_batches, retrieval_accuracy  # noqa: E402
 from latentdiff.eval.retrieval import shapes_caption_fits  # noqa: E402
-from latentdiff.models.text_encoder import PromptTruncatedWarning, TextEncoder  # noqa: E402
+from latentdiff.models.text_encoder import PromptTruncatedWarning, TextEncoder, TextEncoderConfig  # noqa: E402
 from latentdiff.models.text_encoder_hf import HFCLIPTextEncoder  # noqa: E402
 from latentdiff.models.text_encoder_openclip import OpenCLIPTextEncoder  # noqa: E402
 
@@ -75,7 +74,8 @@ def ours(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def open_clip_file(tmp_path_factory):
-    """A tiny OpenCLIP model saved as a weights file, its architecture registered under a name."""
+    """A tiny OpenCLIP model saved as a weights file (safetensors; pickles: test_weights_pickle.py), its
+    architecture registered under a name."""
     folder = tmp_path_factory.mktemp("open_clip")
     (folder / f"{TINY_OPEN_CLIP}.json").write_text(json.dumps({
         "embed_dim": 24,
@@ -92,8 +92,8 @@ def open_clip_file(tmp_path_factory):
     torch.manual_seed(1)
     model = open_clip.create_model(TINY_OPEN_CLIP)
     torch.nn.init.normal_(model.text_projection, std=0.2)  # non-trivial everywhere
-    path = folder / "open_clip_pytorch_model.bin"
-    torch.save(model.state_dict(), path)
+    path = folder / "open_clip_model.safetensors"
+    save_file(model.state_dict(), str(path))
     return path
 
 
@@ -197,7 +197,7 @@ def test_open_clip_file_matches_open_clip(open_clip_file, output_layer):
 
 def test_sd2_checkpoint_text_tower_loads_text_only(open_clip_file, tmp_path):
     """An original SD 2.x checkpoint keeps the text tower under cond_stage_model.model., without visual.*."""
-    state = torch.load(open_clip_file, weights_only=True)
+    state = load_file(str(open_clip_file))
     sd2 = {f"cond_stage_model.model.{k}": v for k, v in state.items() if not k.startswith("visual.")}
     sd2["model.diffusion_model.out.0.weight"] = torch.zeros(4)  # the UNet's keys are ignored
     save_file(sd2, str(tmp_path / "sd2.safetensors"))
@@ -252,7 +252,7 @@ def test_save_load_round_trip_is_exact_and_strict(ours, tmp_path):
     assert isinstance(encoder, OpenCLIPTextEncoder) and encoder.config == TINY and encoder.has_image_tower
     encoder.save_pretrained(tmp_path / "copy", metadata={"steps": 7})
     copy = TextEncoder.from_pretrained(tmp_path / "copy")
-    assert copy.metadata == {"steps": 7}
+    assert copy.identity.metadata == {"steps": 7}
     assert set(load_file(str(tmp_path / "copy" / "model.safetensors"))) == set(encoder.clip.state_dict())
     images = torch.rand(2, 3, 32, 32) * 2 - 1  # resized to the tower's 16x16 on the way in
     with torch.no_grad():
@@ -309,8 +309,10 @@ def test_bad_paths_give_clear_errors(tmp_path, ours):
     (tmp_path / "weights.bin").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="open_clip_model"):
         TextEncoder.from_pretrained(tmp_path / "weights.bin")
-    with pytest.raises(CheckpointError, match="cannot be read"):
+    with pytest.raises(CheckpointError, match="allow_pickle=True"):
         TextEncoder.from_pretrained(tmp_path / "weights.bin", open_clip_model="ViT-B-32")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        TextEncoder.from_pretrained(tmp_path / "weights.bin", open_clip_model="ViT-B-32", allow_pickle=True)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(CheckpointError, match="model_type 'bert'"):
@@ -467,9 +469,9 @@ def test_retrieval_ceiling_is_what_a_perfect_model_scores_with_random_tie_breaks
 
 def test_image_embedding_follows_the_tower_dtype():
     import open_clip  # noqa: F401  (the trained backend)
+    from tiny_stages import TINY_TEXT
 
     from latentdiff.models.text_encoder_openclip import OpenCLIPTextEncoder
-    from tiny_stages import TINY_TEXT
 
     encoder = OpenCLIPTextEncoder(TINY_TEXT).eval()
     images = torch.rand(2, 3, 16, 16) * 2 - 1  # float32, as generated images and renders come

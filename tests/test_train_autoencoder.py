@@ -7,10 +7,10 @@ from PIL import Image
 from resume_check import kill_then_resume
 
 from latentdiff.cli import main
-from latentdiff.config import AutoencoderTrainingConfig, apply_overrides
+from latentdiff.config import apply_overrides
 from latentdiff.data import ShapesDataset
 from latentdiff.models.autoencoder import AutoencoderKL
-from latentdiff.train.autoencoder import measure_latent_std, train_autoencoder
+from latentdiff.train.autoencoder import AutoencoderTrainingConfig, measure_latent_std, train_autoencoder
 
 TINY = ["model.ch=8", "model.ch_mult=[1,2]", "model.num_res_blocks=1", "model.norm_groups=4",
         "model.resolution=16", "data.size=16", "data.length=64", "train.batch_size=4", "train.steps=6",
@@ -45,7 +45,7 @@ def test_cli_resume_continues_with_more_steps(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "resumed from" in captured.out + captured.err
     model = AutoencoderKL.from_pretrained(out)
-    assert model.metadata["step"] == 4
+    assert model.identity.metadata["step"] == 4
     assert (tmp_path / "run" / "samples").is_dir()
 
 
@@ -57,7 +57,7 @@ def test_scale_factor_is_one_over_the_latent_std(tmp_path):
     std = measure_latent_std(model, dataset, batch_size=4, batches=2, device="cpu")
     assert math.isclose(model.config.scale_factor, 1.0 / std, rel_tol=1e-6)
     assert math.isclose(results["scale_factor"], model.config.scale_factor)
-    assert results["psnr"] > 0 and model.metadata["psnr"] == results["psnr"]
+    assert results["psnr"] > 0 and model.identity.metadata["psnr"] == results["psnr"]
     # pooled over all batches, not the first one alone
     first_only = measure_latent_std(model, dataset, batch_size=4, batches=1, device="cpu")
     assert first_only != std
@@ -86,7 +86,7 @@ def test_trains_on_a_mixed_image_folder_and_reports_skips(tmp_path, capsys):
         code = main(["train-autoencoder", "--data", str(tmp_path / "images"), "--out", str(tmp_path / "run"),
                      *TINY[:5], "train.batch_size=2", "train.steps=3", "scale_batches=1", "eval_batches=1"])
     assert code == 0
-    assert AutoencoderKL.from_pretrained(tmp_path / "run").metadata["step"] == 3
+    assert AutoencoderKL.from_pretrained(tmp_path / "run").identity.metadata["step"] == 3
 
 
 def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):

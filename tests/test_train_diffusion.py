@@ -8,13 +8,13 @@ from tiny_stages import save_autoencoder, save_text_encoder, tiny_training_confi
 
 from latentdiff.checkpoint import weights_hash
 from latentdiff.cli import main
-from latentdiff.config import DiffusionTrainingConfig, apply_overrides, load_config, to_dict
+from latentdiff.config import apply_overrides, load_config, to_dict
 from latentdiff.errors import CheckpointError
 from latentdiff.models.autoencoder import AutoencoderKL
 from latentdiff.models.text_encoder_openclip import OpenCLIPTextEncoder
 from latentdiff.models.unet import UNet
 from latentdiff.pipeline import Text2ImagePipeline
-from latentdiff.train.diffusion import train_diffusion
+from latentdiff.train.diffusion import DiffusionTrainingConfig, train_diffusion
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_killed_run_resumes_to_the_same_weights(frozen, tmp_path, monkeypatch):
     straight, resumed = UNet.from_pretrained(tmp_path / "straight"), UNet.from_pretrained(tmp_path / "killed")
     for key, value in straight.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key
-    assert resumed.metadata["step"] == 6
+    assert resumed.identity.metadata["step"] == 6
     rows = (tmp_path / "killed" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4", "5", "6"]
     assert sorted(p.name for p in (tmp_path / "killed" / "samples").iterdir()) == ["preview-0000003.png",
@@ -57,7 +57,7 @@ def test_unet_records_what_it_was_trained_with(frozen, tmp_path):
     cfg = tiny_training_config(ae, te, "objective.prediction=v", "sampling.guidance_scale=2.5", "train.steps=2",
                                "text_layer=penultimate")
     train_diffusion(cfg, tmp_path / "run")
-    meta = UNet.from_pretrained(tmp_path / "run").metadata
+    meta = UNet.from_pretrained(tmp_path / "run").identity.metadata
     assert meta["stages"]["autoencoder"]["weights_hash"] == weights_hash(ae)
     assert meta["stages"]["autoencoder"]["path"] == str(ae)
     assert (tmp_path / "run" / meta["stages"]["autoencoder"]["relative_path"]).resolve() == ae.resolve()
@@ -143,7 +143,7 @@ def test_cli_trains_and_resumes(frozen, tmp_path):
     assert main(["train-diffusion", *args]) == 0
     # --resume takes the stages and config from the run's own train_config.yaml
     assert main(["train-diffusion", "--out", out, "--steps", "3", "--resume"]) == 0
-    assert UNet.from_pretrained(out).metadata["step"] == 3
+    assert UNet.from_pretrained(out).identity.metadata["step"] == 3
 
 
 def test_cli_errors_are_one_line(frozen, tmp_path, capsys):

@@ -8,13 +8,13 @@ import torch
 from resume_check import kill_then_resume
 
 from latentdiff.cli import main
-from latentdiff.config import TextEncoderTrainingConfig, apply_overrides
+from latentdiff.config import apply_overrides
 from latentdiff.data import build_dataset
 from latentdiff.eval import heldout_retrieval
 from latentdiff.models.text_encoder import TextEncoder
 from latentdiff.models.text_encoder_openclip import OpenCLIPTextEncoder
 from latentdiff.train import text_encoder as stage
-from latentdiff.train.text_encoder import parameter_groups, train_text_encoder
+from latentdiff.train.text_encoder import TextEncoderTrainingConfig, parameter_groups, train_text_encoder
 
 TINY = ["model.width=32", "model.heads=2", "model.layers=2", "model.embed_dim=16", "model.vision_width=32",
         "model.vision_head_width=16", "model.vision_layers=1", "model.patch_size=8", "model.image_size=16",
@@ -50,8 +50,8 @@ def test_cli_trains_exports_and_reports_retrieval(tmp_path):
     assert main(["train-text-encoder", "--out", str(out), "--steps", "4", *TINY]) == 0
     encoder = TextEncoder.from_pretrained(out)
     assert isinstance(encoder, OpenCLIPTextEncoder) and encoder.has_image_tower
-    assert encoder.metadata["step"] == 4
-    reported = {k: encoder.metadata[k] for k in stage.RETRIEVAL}
+    assert encoder.identity.metadata["step"] == 4
+    reported = {k: encoder.identity.metadata[k] for k in stage.RETRIEVAL}
     assert all(0.0 <= v <= 1.0 for v in reported.values())
     # the reported figures are what the saved model scores on the held-out split
     cfg = tiny_config()
@@ -59,7 +59,7 @@ def test_cli_trains_exports_and_reports_retrieval(tmp_path):
     for key, value in reported.items():
         assert value == pytest.approx(measured[key], abs=1e-4)
     assert main(["train-text-encoder", "--out", str(out), "--steps", "6", "--resume"]) == 0
-    assert TextEncoder.from_pretrained(out).metadata["step"] == 6
+    assert TextEncoder.from_pretrained(out).identity.metadata["step"] == 6
 
 
 def test_trains_on_a_small_captioned_folder(tmp_path, capsys):
@@ -74,7 +74,7 @@ def test_trains_on_a_small_captioned_folder(tmp_path, capsys):
     assert main(["train-text-encoder", "--data", str(folder), "--out", str(tmp_path / "run"), *TINY]) == 0
     assert "no held-out retrieval" in capsys.readouterr().out
     encoder = TextEncoder.from_pretrained(tmp_path / "run")
-    assert encoder.metadata["step"] == 6 and "t2i_top1" not in encoder.metadata
+    assert encoder.identity.metadata["step"] == 6 and "t2i_top1" not in encoder.identity.metadata
 
 
 def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from latentdiff.checkpoint import CONFIG_NAME
-from latentdiff.config import UNetConfig, from_dict, to_dict
+from latentdiff.config import from_dict, to_dict
 from latentdiff.convert.unet_keys import unet_key_map, unet_to_diffusers
 from latentdiff.errors import CheckpointError, ConfigError
-from latentdiff.models.unet import UNet
+from latentdiff.models.unet import UNet, UNetConfig
 
 CTX = 16  # context width of the tiny configs
 
@@ -239,7 +239,7 @@ def test_save_and_load_round_trip(tmp_path):
     model = randomized(cfg, seed=3)
     model.save_pretrained(tmp_path / "unet", metadata={"prediction_type": "eps"})
     loaded = UNet.from_pretrained(tmp_path / "unet")
-    assert loaded.config == cfg and loaded.metadata == {"prediction_type": "eps"}
+    assert loaded.config == cfg and loaded.identity.metadata == {"prediction_type": "eps"}
     own, back = model.state_dict(), loaded.state_dict()
     assert own.keys() == back.keys() and all(torch.equal(own[k], back[k]) for k in own)
     x, t, context = inputs(cfg)

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import torch
 
-from latentdiff.config import (AutoencoderConfig, DiffusionTrainingConfig, TextEncoderConfig, UNetConfig,
-                               apply_overrides)
-from latentdiff.models.autoencoder import AutoencoderKL
+from latentdiff.config import apply_overrides
+from latentdiff.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from latentdiff.models.text_encoder import TextEncoderConfig
 from latentdiff.models.text_encoder_openclip import OpenCLIPTextEncoder
-from latentdiff.models.unet import UNet
-from latentdiff.stages import stage_records, training_record
+from latentdiff.models.unet import UNet, UNetConfig
+from latentdiff.stages import UNetRecord
+from latentdiff.train.diffusion import DiffusionTrainingConfig
 
 # 16x16 images, f = 2: 8x8x4 latents; the text encoder's states are 32 wide.
 TINY_AE = AutoencoderConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, norm_groups=4, resolution=16, scale_factor=0.8)
@@ -51,9 +52,11 @@ def save_unet(folder: Path, autoencoder: Path, text_encoder: Path, seed: int = 0
     for param in unet.parameters():  # zero-initialised outputs (UNet.out, attention proj_out) would ignore the input
         if param.ndim > 1 and not param.any():
             torch.nn.init.normal_(param, std=0.05)
-    stages = stage_records(AutoencoderKL.from_pretrained(autoencoder), autoencoder,
-                           OpenCLIPTextEncoder.from_latentdiff_folder(text_encoder), text_encoder, folder)
-    unet.save_pretrained(folder, metadata={**training_record(cfg, stages), "step": 0})
+    record = UNetRecord.for_stages(AutoencoderKL.from_pretrained(autoencoder), autoencoder,
+                                   OpenCLIPTextEncoder.from_latentdiff_folder(text_encoder), text_encoder, folder,
+                                   prediction=cfg.objective.prediction, schedule=cfg.schedule, sampling=cfg.sampling,
+                                   image_size=cfg.data.size)
+    unet.save_pretrained(folder, metadata=record.to_metadata(step=0))
     return folder
 
 

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CONFIG_NAME
+from ..checkpoint import CONFIG_NAME, PICKLE_SUFFIXES, SAFETENSORS_SUFFIX
 from ..errors import CheckpointError
 from ..pipeline import PIPELINE_FILE, Text2ImagePipeline
 from .assemble import ContextMaskWarning
 from .diffusers_format import MODEL_INDEX, load_diffusers, save_diffusers
 from .single_file import SkippedWeightsWarning, load_single_file, save_single_file
-from .weights import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX
 
 FORMATS = ("diffusers", "single-file", "latentdiff")
 

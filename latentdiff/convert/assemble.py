@@ -9,12 +9,14 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from ..config import SamplingConfig, ScheduleConfig, to_dict
+from ..checkpoint import StageIdentity
+from ..diffusion.schedules import ScheduleConfig
 from ..models.autoencoder import AutoencoderKL
 from ..models.text_encoder import TextEncoder
 from ..models.unet import UNet
 from ..pipeline import Text2ImagePipeline
-from ..stages import stage_record
+from ..samplers import SamplingConfig
+from ..stages import UNetRecord
 from .mapping import state_hash
 
 
@@ -26,13 +28,12 @@ def assemble_pipeline(autoencoder: AutoencoderKL, text_encoder: TextEncoder, une
                       schedule: ScheduleConfig, sampling: SamplingConfig, image_size: int, source: str | Path,
                       context_mask: bool = False) -> Text2ImagePipeline:
     """The pipeline of three converted stages; SD attends to every token, padding included (context_mask=False)."""
-    stages = {}
-    for name, module in (("autoencoder", autoencoder), ("text_encoder", text_encoder)):
-        module.weights_hash = state_hash(module.state_dict())  # their identity, as from_pretrained would set
-        stages[name] = stage_record(name, module, source, source, module.weights_hash)
-    unet.metadata = {"stages": stages, "prediction": prediction, "schedule": to_dict(schedule),
-                     "sampling": to_dict(sampling), "image_size": image_size, "context_mask": context_mask,
-                     "converted_from": str(source)}
+    for module in (autoencoder, text_encoder):  # their identity, as from_pretrained would record it
+        module.identity = StageIdentity(state_hash(module.state_dict()))
+    record = UNetRecord.for_stages(autoencoder, source, text_encoder, source, source, prediction=prediction,
+                                   schedule=schedule, sampling=sampling, image_size=image_size,
+                                   context_mask=context_mask)
+    unet.identity = StageIdentity(metadata=record.to_metadata(converted_from=str(source)))
     return Text2ImagePipeline.from_stages(autoencoder.eval(), text_encoder.eval(), unet.eval())
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..diffusion.prediction import PREDICTIONS
+
 HALF = {"fp16": "float16", "bf16": "bfloat16"}
 
 
@@ -20,7 +22,7 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
                                                          "architecture (default: detected from the weights)")
     single.add_argument("--variant", choices=("sd1", "sd2", "sd2-base"),
                         help="the SD release, where detection cannot tell (sd2 = 768-v, sd2-base = 512 ε)")
-    single.add_argument("--prediction", choices=("eps", "v", "x0"), help="override the prediction type")
+    single.add_argument("--prediction", choices=tuple(PREDICTIONS), help="override the prediction type")
     single.add_argument("--tokenizer", metavar="DIR", help="a local CLIPTokenizer folder for SD 1.x (default: "
                                                             "CLIP's BPE vocabulary as bundled with open_clip)")
 

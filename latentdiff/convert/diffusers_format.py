@@ -16,22 +16,34 @@ from pathlib import Path
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ..checkpoint import atomic_directory, atomic_write_json, load_state_dict_strict, read_json, save_tensors
-from ..config import AutoencoderConfig, SamplingConfig, ScheduleConfig, UNetConfig, from_dict, to_dict
+from ..checkpoint import (
+    atomic_directory,
+    atomic_write_json,
+    load_state_dict_strict,
+    read_json,
+    read_model_weights,
+    save_tensors,
+)
+from ..config import from_dict, to_dict
+from ..diffusion.schedules import ScheduleConfig
 from ..errors import CheckpointError, ConfigError
-from ..models.autoencoder import AutoencoderKL
+from ..models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ..models.text_encoder import TextEncoder
 from ..models.text_encoder_hf import HFCLIPTextEncoder
 from ..models.text_encoder_openclip import OpenCLIPTextEncoder
-from ..models.unet import UNet
+from ..models.unet import UNet, UNetConfig
 from ..pipeline import Text2ImagePipeline
+from ..samplers import SamplingConfig
 from .assemble import assemble_pipeline, warn_if_masked
 from .scheduler_config import schedule_from_diffusers, schedule_to_diffusers
-from .text_encoder_keys import PAD_TOKENS, bundled_clip_tokenizer, open_clip_to_transformers, \
-    transformers_config_for_open_clip
+from .text_encoder_keys import (
+    PAD_TOKENS,
+    bundled_clip_tokenizer,
+    open_clip_to_transformers,
+    transformers_config_for_open_clip,
+)
 from .unet_keys import unet_config_from_diffusers, unet_config_to_diffusers, unet_from_diffusers, unet_to_diffusers
 from .vae_keys import vae_config_from_diffusers, vae_config_to_diffusers, vae_from_diffusers, vae_to_diffusers
-from .weights import read_model_weights
 
 MODEL_INDEX = "model_index.json"
 WEIGHTS_STEM = "diffusion_pytorch_model"
@@ -102,9 +114,8 @@ def load_diffusers(folder: str | Path, *, allow_pickle: bool = False) -> Text2Im
     state = read_model_weights(folder / "vae", WEIGHTS_STEM, allow_pickle=allow_pickle)
     load_state_dict_strict(autoencoder, vae_from_diffusers(state, arch.autoencoder, f"{folder}/vae"), f"{folder}/vae")
     text_folder = folder / "text_encoder"
-    if not allow_pickle and not any(text_folder.glob("*.safetensors")):
-        raise CheckpointError(f"{text_folder}: no safetensors weights (pickled ones need --allow-pickle)")
-    text_encoder = HFCLIPTextEncoder.from_folder(text_folder, output_layer="last", image_tower=False)
+    text_encoder = HFCLIPTextEncoder.from_folder(text_folder, output_layer="last", image_tower=False,
+                                                 allow_pickle=allow_pickle)
     sampling, image_size, context_mask = arch.sampling, arch.image_size, False
     if (folder / EXTRAS_FILE).is_file():  # written by save_diffusers
         extras = read_json(folder / EXTRAS_FILE)

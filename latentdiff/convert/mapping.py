@@ -6,17 +6,11 @@ and names them, and the strict load that follows it names any the source lacked.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
-from ..errors import CheckpointError
-
-
-def short_list(items: Iterable[str], limit: int = 8) -> str:
-    items = sorted(items)
-    shown = ", ".join(items[:limit])
-    return f"[{shown}{', ...' if len(items) > limit else ''}] ({len(items)})"
+from ..errors import CheckpointError, short_list
 
 
 def rename(state: dict[str, torch.Tensor], mapping: dict[str, str], where: str) -> dict[str, torch.Tensor]:

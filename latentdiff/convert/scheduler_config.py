@@ -10,8 +10,9 @@ export writes set_alpha_to_one=true.
 """
 from __future__ import annotations
 
-from ..config import SamplingConfig, ScheduleConfig
+from ..diffusion.schedules import ScheduleConfig
 from ..errors import CheckpointError
+from ..samplers import SamplingConfig
 from .mapping import check_fixed
 
 SAMPLER_SCHEDULERS = {  # our sampler -> the diffusers scheduler that runs the same algorithm

@@ -17,8 +17,12 @@ from dataclasses import dataclass, field
 import torch
 from transformers import CLIPTextConfig
 
-from ..config import AutoencoderConfig, SamplingConfig, ScheduleConfig, TextEncoderConfig, UNetConfig
+from ..diffusion.schedules import ScheduleConfig
 from ..errors import CheckpointError
+from ..models.autoencoder import AutoencoderConfig
+from ..models.text_encoder import TextEncoderConfig
+from ..models.unet import UNetConfig
+from ..samplers import SamplingConfig
 from .scheduler_config import SD_GUIDANCE_SCALE, SD_STEPS
 from .vae_keys import SD_LATENT_SCALE
 

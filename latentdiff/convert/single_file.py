@@ -27,25 +27,39 @@ from typing import Any
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ..checkpoint import load_state_dict_strict, read_json, save_tensors
-from ..config import AutoencoderConfig, SamplingConfig, ScheduleConfig, TextEncoderConfig, UNetConfig, from_dict, \
-    to_dict
+from ..checkpoint import load_state_dict_strict, read_json, read_weights, save_tensors
+from ..config import from_dict, to_dict
 from ..diffusion import NoiseSchedule
-from ..errors import CheckpointError, ConfigError
-from ..models.autoencoder import AutoencoderKL
-from ..models.text_encoder import TextEncoder
+from ..diffusion.schedules import ScheduleConfig
+from ..errors import CheckpointError, ConfigError, short_list
+from ..models.autoencoder import AutoencoderConfig, AutoencoderKL
+from ..models.text_encoder import TextEncoder, TextEncoderConfig
 from ..models.text_encoder_hf import HFCLIPTextEncoder
 from ..models.text_encoder_openclip import CLIP_VOCAB_SIZE, OpenCLIPTextEncoder
-from ..models.unet import UNet
+from ..models.unet import UNet, UNetConfig
 from ..pipeline import Text2ImagePipeline
+from ..samplers import SamplingConfig
 from .assemble import assemble_pipeline, warn_if_masked
 from .diffusers_format import read_architecture
-from .mapping import require, short_list, split_prefix
-from .sd_variants import context_dim_of, infer_autoencoder_config, infer_open_clip_text_config, \
-    infer_transformers_text_config, infer_unet_config, open_clip_text_config, pick_variant
-from .text_encoder_keys import PAD_TOKENS, bundled_clip_tokenizer, default_logit_scale, identity_block, \
-    local_clip_tokenizer, open_clip_activation, transformers_to_open_clip
-from .weights import read_weights
+from .mapping import require, split_prefix
+from .sd_variants import (
+    context_dim_of,
+    infer_autoencoder_config,
+    infer_open_clip_text_config,
+    infer_transformers_text_config,
+    infer_unet_config,
+    open_clip_text_config,
+    pick_variant,
+)
+from .text_encoder_keys import (
+    PAD_TOKENS,
+    bundled_clip_tokenizer,
+    default_logit_scale,
+    identity_block,
+    local_clip_tokenizer,
+    open_clip_activation,
+    transformers_to_open_clip,
+)
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

@@ -28,8 +28,7 @@ from open_clip.tokenizer import default_bpe
 from open_clip.transformer import QuickGELU
 from transformers import CLIPTextConfig, CLIPTokenizer
 
-from ..errors import CheckpointError
-from .mapping import short_list
+from ..errors import CheckpointError, short_list
 
 START, END = "<|startoftext|>", "<|endoftext|>"
 PAD_TOKENS = {"eos": END, "zero": "!"}  # SD 1.x pads with the end token; SD 2.x (open_clip) with id 0, which is "!"

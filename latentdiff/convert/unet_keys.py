@@ -22,9 +22,8 @@ import re
 
 import torch
 
-from ..config import UNetConfig
 from ..errors import CheckpointError
-from ..models.unet import UNet
+from ..models.unet import UNet, UNetConfig
 from .mapping import as_int_or_tuple, check_fixed, per_level, rename, require
 
 _FIXED = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",

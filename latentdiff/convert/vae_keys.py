@@ -18,9 +18,8 @@ import re
 
 import torch
 
-from ..config import AutoencoderConfig
 from ..errors import CheckpointError
-from ..models.autoencoder import AutoencoderKL
+from ..models.autoencoder import AutoencoderConfig, AutoencoderKL
 from .mapping import check_fixed, rename, require
 
 _ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}

@@ -27,10 +27,16 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..config import _check_choice
+from ..config import check_choice
 from ..errors import DataError
 from .images import (
-    UnreadableImageError, describe_image_error, load_image, parse_colour, pil_to_tensor, resize_and_crop,
+    CROPS,
+    UnreadableImageError,
+    describe_image_error,
+    load_image,
+    parse_colour,
+    pil_to_tensor,
+    resize_and_crop,
 )
 
 METADATA_NAME = "metadata.jsonl"
@@ -120,8 +126,8 @@ class ImageFolderDataset(Dataset):
     def __init__(self, root: str | Path, size: int, crop: str = "center", flip: bool = False,
                  background: str = "white", split: str = "train", require_captions: bool = True,
                  seed: int = 0):
-        _check_choice("crop", crop, ("center", "random"))
-        _check_choice("split", split, SPLITS)
+        check_choice("crop", crop, CROPS)
+        check_choice("split", split, SPLITS)
         parse_colour(background)  # fail now on a bad colour name, not in the first batch
         self.root, self.size, self.crop, self.flip = Path(root), size, crop, flip
         self.background, self.split, self.seed = background, split, seed

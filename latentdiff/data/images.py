@@ -13,13 +13,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageColor, ImageOps
 
-from ..config import _check_choice
+from ..config import check_choice
 from ..errors import ConfigError, DataError
 
 # Modes Pillow converts to RGB correctly by itself (CMYK is inverted for Adobe JPEGs at decode time).
 _PLAIN_MODES = ("RGB", "L", "1", "CMYK", "YCbCr", "RGBX", "HSV")
 # Modes that carry an alpha channel (RGBa and La are premultiplied; convert("RGBA") undoes that).
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+CROPS = ("center", "random")  # how resize_and_crop cuts the square
 
 
 def parse_colour(name: str) -> tuple[int, int, int]:
@@ -101,7 +103,7 @@ def _rescale_to_uint8(img: Image.Image) -> np.ndarray:
 def resize_and_crop(img: Image.Image, size: int, crop: str = "center",
                     rng: random.Random | None = None) -> Image.Image:
     """Resize the short side to `size` (Lanczos), then crop size x size from the centre or at random."""
-    _check_choice("crop", crop, ("center", "random"))
+    check_choice("crop", crop, CROPS)
     if crop == "random" and rng is None:
         raise ValueError("crop='random' needs an rng")
     width, height = img.size

@@ -1,10 +1,12 @@
-"""Noise schedules, the denoiser contract D(x, sigma, cond) -> x0, and the training objective."""
-from .denoiser import PREDICTIONS, Denoiser, x0_coefficients
-from .losses import DiffusionLoss, drop_conditioning, sample_noise, sample_timesteps, snr_weights, training_target
+"""Noise schedules, the prediction types, the denoiser contract D(x, sigma, cond) -> x0, and the training objective."""
+from .denoiser import Denoiser
+from .losses import WEIGHTINGS, DiffusionLoss, ObjectiveConfig, drop_conditioning, sample_noise, sample_timesteps
+from .prediction import PREDICTIONS, EpsPrediction, Prediction, VPrediction, X0Prediction, get_prediction
 from .schedules import SPACINGS, NoiseSchedule, karras_sigmas, make_betas, rescale_zero_terminal_snr
 
 __all__ = [
-    "PREDICTIONS", "Denoiser", "x0_coefficients",
-    "DiffusionLoss", "drop_conditioning", "sample_noise", "sample_timesteps", "snr_weights", "training_target",
+    "Denoiser",
+    "WEIGHTINGS", "DiffusionLoss", "ObjectiveConfig", "drop_conditioning", "sample_noise", "sample_timesteps",
+    "PREDICTIONS", "EpsPrediction", "Prediction", "VPrediction", "X0Prediction", "get_prediction",
     "SPACINGS", "NoiseSchedule", "karras_sigmas", "make_betas", "rescale_zero_terminal_snr",
 ]

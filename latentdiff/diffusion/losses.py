@@ -1,18 +1,41 @@
 """The training objective, as short pieces: timesteps, noise, targets, weights, conditioning dropout.
 
 A training step draws t uniformly from 0..T-1 and ε ~ N(0, I), forms the VP latent
-x_t = sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε, and regresses the network output on ε, v = sqrt(ᾱ)·ε - sqrt(1-ᾱ)·x0,
-or x0, per sample weighted by `snr_weights`.
+x_t = sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε, and regresses the network output on the prediction type's target
+(ε, v = sqrt(ᾱ)·ε - sqrt(1-ᾱ)·x0, or x0; see prediction.py), per sample weighted uniformly or by min-SNR-γ.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from ..config import ObjectiveConfig
-from .denoiser import PREDICTIONS
+from ..config import check_choice
+from ..errors import ConfigError
+from .prediction import get_prediction
 from .schedules import NoiseSchedule
+
+WEIGHTINGS = ("uniform", "min_snr")
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    prediction: str = "eps"           # what the network predicts: "eps" (noise), "v" (velocity) or "x0" (clean latent)
+    weighting: str = "uniform"        # per-timestep loss weight: "uniform" or "min_snr" (Hang et al. 2023)
+    snr_gamma: float = 5.0            # γ of min-SNR weighting: the SNR is capped at γ
+    offset_noise: float = 0.0         # std of a per-channel constant added to ε (0 = off; ~0.1 helps very dark/bright)
+    cond_dropout: float = 0.1         # share of samples trained on the unconditional context (classifier-free guidance)
+
+    def __post_init__(self):
+        get_prediction(self.prediction, "objective.prediction")  # a name in PREDICTIONS, else ConfigError
+        check_choice("objective.weighting", self.weighting, WEIGHTINGS)
+        if self.snr_gamma <= 0:
+            raise ConfigError(f"objective.snr_gamma: must be positive, got {self.snr_gamma}")
+        if self.offset_noise < 0:
+            raise ConfigError(f"objective.offset_noise: must be at least 0, got {self.offset_noise}")
+        if not 0.0 <= self.cond_dropout <= 1.0:
+            raise ConfigError(f"objective.cond_dropout: must be in [0, 1], got {self.cond_dropout}")
 
 
 def _on_generator(draw: Callable, shape: tuple, generator: torch.Generator | None, like: torch.Tensor,
@@ -40,38 +63,6 @@ def sample_noise(x0: torch.Tensor, generator: torch.Generator | None = None, off
         offset = _on_generator(torch.randn, (*x0.shape[:2], 1, 1), generator, x0, dtype=x0.dtype)  # (B, C, 1, 1)
         noise = noise + offset_noise * offset
     return noise
-
-
-def training_target(prediction: str, x0: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor,
-                    sigma_vp: torch.Tensor) -> torch.Tensor:
-    """What the network should output for x_t = alpha·x0 + sigma_vp·noise; alpha, sigma_vp (B, 1, 1, 1)."""
-    if prediction == "eps":
-        return noise
-    if prediction == "v":
-        return alpha * noise - sigma_vp * x0
-    if prediction == "x0":
-        return x0
-    raise ValueError(f"prediction: {prediction!r} is not one of {PREDICTIONS}")
-
-
-def snr_weights(snr: torch.Tensor, prediction: str, weighting: str = "uniform", gamma: float = 5.0) -> torch.Tensor:
-    """(B,) loss weights for SNR = ᾱ/(1-ᾱ) values (B,).
-
-    min-SNR-γ (Hang et al. 2023) weights the x0 error by min(SNR, γ). An ε error equals the x0 error times
-    SNR, and a v error times SNR + 1, so the same weighting is min(SNR, γ)/SNR for ε (written min(γ/SNR, 1),
-    which is 1 at SNR = 0) and min(SNR, γ)/(SNR + 1) for v.
-    """
-    if weighting == "uniform":
-        return torch.ones_like(snr)
-    if weighting != "min_snr":
-        raise ValueError(f"weighting: {weighting!r} is not one of 'uniform', 'min_snr'")
-    if prediction == "eps":
-        return (gamma / snr).clamp(max=1.0)
-    if prediction == "v":
-        return snr.clamp(max=gamma) / (snr + 1)
-    if prediction == "x0":
-        return snr.clamp(max=gamma)
-    raise ValueError(f"prediction: {prediction!r} is not one of {PREDICTIONS}")
 
 
 def drop_conditioning(cond: dict, uncond: dict, p: float, generator: torch.Generator | None = None) -> dict:
@@ -106,6 +97,7 @@ class DiffusionLoss:
     def __init__(self, schedule: NoiseSchedule, cfg: ObjectiveConfig):
         self.schedule = schedule
         self.cfg = cfg
+        self.prediction = get_prediction(cfg.prediction)
 
     def __call__(self, net: Callable, x0: torch.Tensor, cond: dict,
                  generator: torch.Generator | None = None) -> torch.Tensor:
@@ -118,8 +110,11 @@ class DiffusionLoss:
         x_t = alpha * x0 + sigma_vp * noise
         out = net(x_t, t.to(torch.promote_types(x0.dtype, torch.float32)), cond["context"],
                   context_mask=cond.get("context_mask"))
-        target = training_target(cfg.prediction, x0, noise, alpha, sigma_vp)
+        target = self.prediction.target(x0, noise, alpha, sigma_vp)
         per_sample = (out.float() - target.float()).pow(2).mean(dim=tuple(range(1, x0.ndim)))  # (B,)
         snr = alphas_cumprod / (1 - alphas_cumprod)
-        weights = snr_weights(snr, cfg.prediction, cfg.weighting, cfg.snr_gamma).float()
-        return (weights * per_sample).mean()
+        if cfg.weighting == "min_snr":
+            weights = self.prediction.min_snr_weight(snr, cfg.snr_gamma)
+        else:  # "uniform"
+            weights = torch.ones_like(snr)
+        return (weights.float() * per_sample).mean()

@@ -17,9 +17,9 @@ from typing import Callable
 
 import torch
 
-from ..config import DiffusionTrainingConfig, UNetConfig
 from ..errors import ConfigError
-from ..models.unet import UNet
+from ..models.unet import UNet, UNetConfig
+from ..train.diffusion import DiffusionTrainingConfig
 
 
 @dataclass(frozen=True)

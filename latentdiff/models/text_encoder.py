@@ -6,17 +6,23 @@
     # pooled (B, P):    the prompt's CLIP embedding (P = pooled_dim)
     # mask   (B, L):    1 for the prompt's tokens (start .. end), 0 for padding
 
+The config of the model trained here (TextEncoderConfig) sits at the top; a checkpoint file from elsewhere
+brings its own architecture.
+
 Backends (same interface, same `from_pretrained`):
     OpenCLIPTextEncoder  (text_encoder_openclip.py) an open_clip CLIP model: trained here from a
                          TextEncoderConfig, or loaded from an OpenCLIP checkpoint file (SD 2.x)
     HFCLIPTextEncoder    (text_encoder_hf.py) transformers CLIPTextModel/CLIPModel + CLIPTokenizer
                          from a local folder (SD 1.x)
 
-Nothing here downloads anything: every loader reads local files only.
+Nothing here downloads anything: every loader reads local files only, and pickled weights files
+(.bin / .pt / .ckpt) only with `allow_pickle=True` (see checkpoint.read_weights).
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -24,11 +30,57 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import CONFIG_NAME, read_json
-from ..errors import CheckpointError
+from ..checkpoint import CONFIG_NAME, PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, StageIdentity, read_json
+from ..config import check_choice
+from ..errors import CheckpointError, ConfigError
 
-OPEN_CLIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+OPEN_CLIP_SUFFIXES = (SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES)
 HF_CLIP_MODEL_TYPES = ("clip", "clip_text_model")
+OUTPUT_LAYERS = ("last", "penultimate")  # the text blocks whose states `encode` can return
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    open_clip_model: str = ""         # an open_clip architecture (e.g. "ViT-H-14"): replaces every size below, context_length too
+    output_layer: str = "last"        # states fed to the UNet: "last" block, or "penultimate" (SD 2.x)
+    context_length: int = 24          # tokens per prompt incl. start/end (SD: 77); longer prompts are truncated
+    width: int = 256                  # text transformer width D: the UNet cross-attends to (B, L, D)
+    layers: int = 3                   # text transformer blocks
+    heads: int = 4                    # text attention heads
+    mlp_ratio: float = 4.0            # feed-forward width / width (text, and a ViT image tower)
+    embed_dim: int = 256              # shared image-text embedding (pooled outputs, CLIP score)
+    image_size: int = 32              # the image tower's input size (images are resized to it)
+    vision_layers: int | tuple[int, ...] = (1, 1, 1, 1)  # image tower: 4 ints = ResNet blocks per stage
+    #                                   (open_clip's ModifiedResNet: a conv net learns shapes from few samples),
+    #                                   one int = ViT blocks
+    vision_width: int = 32            # ResNet stem width (the last stage has 32x as many channels), or ViT width
+    vision_head_width: int = 32       # head width of the ResNet's attention pool, or of the ViT blocks
+    patch_size: int = 4               # ViT only: patch side, (image_size / patch_size)^2 image tokens
+    init_logit_scale: float = 2.6593  # log of the initial contrastive temperature 1/0.07
+
+    def __post_init__(self):
+        check_choice("model.output_layer", self.output_layer, OUTPUT_LAYERS)
+        if self.context_length < 3:
+            raise ConfigError(f"model.context_length: needs room for start, end and one word, got {self.context_length}")
+        if self.open_clip_model:
+            return
+        if self.layers < 1 or self.width % self.heads:
+            raise ConfigError(f"model: needs at least one layer, and width {self.width} must split into {self.heads} heads")
+        if self.output_layer == "penultimate" and self.layers < 2:
+            raise ConfigError("model.output_layer: 'penultimate' needs at least 2 layers")
+        if isinstance(self.vision_layers, tuple):  # ResNet
+            if len(self.vision_layers) != 4 or min(self.vision_layers) < 1:
+                raise ConfigError(f"model.vision_layers: a ResNet needs 4 stages of at least 1 block, "
+                                  f"got {list(self.vision_layers)}")
+            if self.image_size % 32 or (self.vision_width * 32) % self.vision_head_width:
+                raise ConfigError(f"model: a ResNet image tower needs image_size a multiple of 32 (got {self.image_size}) "
+                                  f"and vision_width * 32 a multiple of vision_head_width")
+        else:  # ViT
+            if self.vision_layers < 1 or self.vision_width % self.vision_head_width:
+                raise ConfigError(f"model: a ViT image tower needs at least one layer, and vision_width "
+                                  f"{self.vision_width} a multiple of vision_head_width={self.vision_head_width}")
+            if self.image_size % self.patch_size:
+                raise ConfigError(f"model.image_size: {self.image_size} is not a multiple of patch_size={self.patch_size}")
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -46,12 +98,23 @@ class TextEncoding(NamedTuple):
     mask: torch.Tensor    # (B, L) 1 for the prompt's tokens, 0 for padding
 
 
-def warn_truncated(prompt: str, n_tokens: int, context_length: int) -> None:
-    """Warn that `prompt` (n_tokens incl. start/end) lost its last n_tokens - context_length tokens."""
-    dropped = n_tokens - context_length
-    warnings.warn(f"prompt truncated to the context length {context_length}: {dropped} token"
-                  f"{'s' if dropped != 1 else ''} dropped from {prompt[:60]!r}{'...' if len(prompt) > 60 else ''}",
-                  PromptTruncatedWarning, stacklevel=3)
+def pad_tokens(prompts: list[str], token_lists: Sequence[Sequence[int]], length: int, *, end: int,
+               pad: int) -> TokenizedPrompts:
+    """(B, L) ids and mask from each prompt's tokens (start .. end), padded with `pad`; a prompt longer than L
+    keeps its first L - 1 tokens and the end token, with a PromptTruncatedWarning."""
+    ids = torch.full((len(prompts), length), pad, dtype=torch.long)
+    mask = torch.zeros(len(prompts), length, dtype=torch.long)
+    for i, (prompt, tokens) in enumerate(zip(prompts, token_lists)):
+        tokens = list(tokens)
+        if len(tokens) > length:
+            dropped = len(tokens) - length
+            warnings.warn(f"prompt truncated to the context length {length}: {dropped} token"
+                          f"{'s' if dropped != 1 else ''} dropped from {prompt[:60]!r}"
+                          f"{'...' if len(prompt) > 60 else ''}", PromptTruncatedWarning, stacklevel=3)
+            tokens = tokens[:length - 1] + [end]
+        ids[i, :len(tokens)] = torch.tensor(tokens)
+        mask[i, :len(tokens)] = 1
+    return TokenizedPrompts(ids, mask)
 
 
 def as_prompt_list(prompts: str | Sequence[str]) -> list[str]:
@@ -77,6 +140,7 @@ class TextEncoder(nn.Module):
     image_size: int = 0          # input size of the image tower (0: no image tower)
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # the image tower's input normalisation
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    identity: StageIdentity = StageIdentity()  # set by from_pretrained (and the metadata by the loaders)
 
     # -- text -----------------------------------------------------------------------------------
 
@@ -147,19 +211,20 @@ class TextEncoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, open_clip_model: str | None = None,
-                        output_layer: str | None = None, image_tower: bool = True) -> "TextEncoder":
-        """Load a text encoder from local files (see `_load` for the formats); it carries `weights_hash`,
-        the identity that the stages trained on it record."""
+                        output_layer: str | None = None, image_tower: bool = True,
+                        allow_pickle: bool = False) -> "TextEncoder":
+        """Load a text encoder from local files (see `_load` for the formats); its `identity` carries the
+        weights hash that the stages trained on it record."""
         from ..stages import stage_hash
 
         encoder = cls._load(path, open_clip_model=open_clip_model, output_layer=output_layer,
-                            image_tower=image_tower)
-        encoder.weights_hash = stage_hash(path)
+                            image_tower=image_tower, allow_pickle=allow_pickle)
+        encoder.identity = dataclasses.replace(encoder.identity, weights_hash=stage_hash(path))
         return encoder
 
     @classmethod
-    def _load(cls, path: str | Path, *, open_clip_model: str | None = None,
-              output_layer: str | None = None, image_tower: bool = True) -> "TextEncoder":
+    def _load(cls, path: str | Path, *, open_clip_model: str | None = None, output_layer: str | None = None,
+              image_tower: bool = True, allow_pickle: bool = False) -> "TextEncoder":
         """Load a text encoder from local files, whichever of the supported formats `path` holds.
 
         path               a latentdiff text-encoder folder (config.json with kind "text_encoder"),
@@ -169,6 +234,8 @@ class TextEncoder(nn.Module):
         open_clip_model    the open_clip architecture of a checkpoint file, e.g. "ViT-H-14"
         output_layer       "last" or "penultimate"; default: the saved config's, else "last"
         image_tower        False drops CLIP's image tower after loading (saves memory; no CLIP score)
+        allow_pickle       read a pickled weights file (.bin / .pt / .pth / .ckpt, or a transformers folder's
+                           pytorch_model.bin) with torch.load(weights_only=True); refused otherwise
         """
         # Backends are imported here so that loading one never imports the other's library.
         path = Path(path)
@@ -180,12 +247,12 @@ class TextEncoder(nn.Module):
                                       f"weights file ending in {', '.join(OPEN_CLIP_SUFFIXES)})")
             from .text_encoder_openclip import OpenCLIPTextEncoder
             return OpenCLIPTextEncoder.from_open_clip_file(path, open_clip_model, output_layer=output_layer,
-                                                           image_tower=image_tower)
+                                                           image_tower=image_tower, allow_pickle=allow_pickle)
         config = path / CONFIG_NAME
         if not config.is_file():
             if (path / "text_encoder").is_dir():
-                return cls._load(path / "text_encoder", open_clip_model=open_clip_model,
-                                           output_layer=output_layer, image_tower=image_tower)
+                return cls._load(path / "text_encoder", open_clip_model=open_clip_model, output_layer=output_layer,
+                                 image_tower=image_tower, allow_pickle=allow_pickle)
             raise CheckpointError(f"{path}: no {CONFIG_NAME} here; expected a latentdiff or transformers text "
                                   f"encoder folder, or an OpenCLIP checkpoint file")
         info = read_json(config)
@@ -195,7 +262,8 @@ class TextEncoder(nn.Module):
                                                               image_tower=image_tower)
         if isinstance(info, dict) and info.get("model_type") in HF_CLIP_MODEL_TYPES:
             from .text_encoder_hf import HFCLIPTextEncoder
-            return HFCLIPTextEncoder.from_folder(path, output_layer=output_layer or "last", image_tower=image_tower)
+            return HFCLIPTextEncoder.from_folder(path, output_layer=output_layer or "last", image_tower=image_tower,
+                                                 allow_pickle=allow_pickle)
         found = info.get("model_type") if isinstance(info, dict) else None
         raise CheckpointError(f"{config}: neither a latentdiff text encoder (no 'kind') nor a transformers CLIP "
                               f"config (model_type {found!r}, expected one of {', '.join(HF_CLIP_MODEL_TYPES)})")

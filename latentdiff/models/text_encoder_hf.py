@@ -3,7 +3,9 @@
 A folder whose config.json has model_type "clip_text_model" loads as CLIPTextModel (or
 CLIPTextModelWithProjection when its `architectures` says so); model_type "clip" loads the whole
 CLIPModel, whose image tower then serves CLIP score. The tokenizer files sit in the same folder or,
-in a diffusers pipeline layout, in the sibling folder `tokenizer/`. Only local files are read.
+in a diffusers pipeline layout, in the sibling folder `tokenizer/`. Only local files are read, and the
+weights through checkpoint.read_model_weights: model.safetensors (or its shards), or pytorch_model.bin
+only with allow_pickle=True.
 """
 from __future__ import annotations
 
@@ -13,9 +15,9 @@ from pathlib import Path
 import torch
 from transformers import CLIPModel, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from ..checkpoint import atomic_directory
-from ..errors import CheckpointError
-from .text_encoder import TextEncoder, TextEncoding, TokenizedPrompts, as_prompt_list, warn_truncated
+from ..checkpoint import StageIdentity, atomic_directory, read_json, read_model_weights
+from ..errors import CheckpointError, short_list
+from .text_encoder import OUTPUT_LAYERS, TextEncoder, TextEncoding, TokenizedPrompts, as_prompt_list, pad_tokens
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 # CLIP's image normalisation, used when the folder has no preprocessor_config.json
@@ -46,8 +48,8 @@ class HFCLIPTextEncoder(TextEncoder):
     def __init__(self, model: CLIPTextModel | CLIPTextModelWithProjection | CLIPModel, tokenizer: CLIPTokenizer,
                  output_layer: str = "last", image_mean: tuple = OPENAI_CLIP_MEAN, image_std: tuple = OPENAI_CLIP_STD):
         super().__init__()
-        if output_layer not in ("last", "penultimate"):
-            raise CheckpointError(f"output_layer: {output_layer!r} is not one of 'last', 'penultimate'")
+        if output_layer not in OUTPUT_LAYERS:
+            raise CheckpointError(f"output_layer: {output_layer!r} is not one of {', '.join(map(repr, OUTPUT_LAYERS))}")
         self.model, self.tokenizer, self.output_layer = model, tokenizer, output_layer
         text_config = model.config.text_config if isinstance(model, CLIPModel) else model.config
         self.context_length = min(text_config.max_position_embeddings, tokenizer.model_max_length)
@@ -63,9 +65,10 @@ class HFCLIPTextEncoder(TextEncoder):
         return getattr(self.model, "text_projection", None)
 
     @classmethod
-    def from_folder(cls, folder: str | Path, *, output_layer: str = "last", image_tower: bool = True) -> "HFCLIPTextEncoder":
+    def from_folder(cls, folder: str | Path, *, output_layer: str = "last", image_tower: bool = True,
+                    allow_pickle: bool = False) -> "HFCLIPTextEncoder":
         folder = Path(folder)
-        info = json.loads((folder / "config.json").read_text())
+        info = read_json(folder / "config.json")
         if info.get("model_type") == "clip":
             model_class = CLIPModel
         elif "CLIPTextModelWithProjection" in (info.get("architectures") or ()):
@@ -73,21 +76,25 @@ class HFCLIPTextEncoder(TextEncoder):
         else:
             model_class = CLIPTextModel
         tokenizer_folder = _find_tokenizer_folder(folder)
+        # our reader opens the weights file; transformers only builds the model and renames legacy keys
+        state = read_model_weights(folder, "model", pickled="pytorch_model.bin", allow_pickle=allow_pickle)
         try:
             tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_folder), local_files_only=True)
-            model, report = model_class.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
+            config = model_class.config_class.from_pretrained(str(folder), local_files_only=True)
+            model, report = model_class.from_pretrained(None, config=config, state_dict=state,
+                                                        output_loading_info=True)
         except (OSError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"{folder}: cannot load the transformers CLIP model "
                                   f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
-        bad = {k: sorted(report[k]) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if report[k]}
+        bad = {k: report[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if report[k]}
         if bad:  # transformers would randomly initialise what is missing; a text encoder must load whole
             raise CheckpointError(f"{folder}: weights do not fit its config.json: "
-                                  + "; ".join(f"{k.replace('_', ' ')} {v[:5]} ({len(v)})" for k, v in bad.items()))
+                                  + "; ".join(f"{k.replace('_', ' ')} {short_list(v)}" for k, v in bad.items()))
         mean, std = _image_normalisation(folder)
         encoder = cls(model.eval(), tokenizer, output_layer, mean, std)
         if not image_tower:
             encoder.drop_image_tower()
-        encoder.metadata = {"source": str(folder)}
+        encoder.identity = StageIdentity(metadata={"source": str(folder)})
         return encoder.eval()
 
     def drop_image_tower(self) -> None:
@@ -101,17 +108,10 @@ class HFCLIPTextEncoder(TextEncoder):
     def tokenize(self, prompts) -> TokenizedPrompts:
         """The CLIPTokenizer's ids (start, BPE, end, its pad token), cut to the context length with a warning."""
         prompts = as_prompt_list(prompts)
-        length, eos = self.context_length, self.tokenizer.eos_token_id
+        eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
-        ids = torch.full((len(prompts), length), pad, dtype=torch.long)
-        mask = torch.zeros(len(prompts), length, dtype=torch.long)
-        for i, (prompt, tokens) in enumerate(zip(prompts, self.tokenizer(prompts, verbose=False)["input_ids"])):
-            if len(tokens) > length:
-                warn_truncated(prompt, len(tokens), length)
-                tokens = tokens[:length - 1] + [eos]
-            ids[i, :len(tokens)] = torch.tensor(tokens)
-            mask[i, :len(tokens)] = 1
-        return TokenizedPrompts(ids, mask)
+        tokens = self.tokenizer(prompts, verbose=False)["input_ids"]
+        return pad_tokens(prompts, tokens, self.context_length, end=eos, pad=pad)
 
     def encode_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> TextEncoding:
         """Causal mask only, no padding mask — as Stable Diffusion calls the text model."""

@@ -4,7 +4,8 @@ Two ways in:
   * built from a TextEncoderConfig (a small model trained here on captioned images), saved as a
     latentdiff folder (the whole CLIP: the image tower is the CLIP-score judge);
   * an OpenCLIP checkpoint file plus the name of its open_clip architecture, e.g. the ViT-H-14 text
-    tower that SD 2.x conditions on (with output_layer="penultimate", as SD 2.x does).
+    tower that SD 2.x conditions on (with output_layer="penultimate", as SD 2.x does); a pickled one
+    (.bin / .pt) only with allow_pickle=True.
 
 The weights keep open_clip's own key names, so a latentdiff folder's model.safetensors is also a
 plain OpenCLIP state dict. A file without `visual.*` keys (a text tower alone) loads text-only.
@@ -18,13 +19,12 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
-from safetensors.torch import load_file
 from torch import nn
 
-from ..checkpoint import load_model_files, load_state_dict_strict, save_model_files
-from ..config import TextEncoderConfig, apply_overrides
+from ..checkpoint import StageIdentity, load_model_files, load_state_dict_strict, read_weights, save_model_files
+from ..config import apply_overrides
 from ..errors import CheckpointError
-from .text_encoder import TextEncoder, TextEncoding, TokenizedPrompts, as_prompt_list, warn_truncated
+from .text_encoder import TextEncoder, TextEncoderConfig, TextEncoding, TokenizedPrompts, as_prompt_list, pad_tokens
 
 CHECKPOINT_KIND = "text_encoder"
 # The keys of the SD 2.x text tower inside an original (CompVis layout) Stable Diffusion checkpoint.
@@ -55,20 +55,9 @@ def build_clip(config: TextEncoderConfig) -> open_clip.CLIP:
     return open_clip.CLIP(config.embed_dim, vision, text, init_logit_scale=config.init_logit_scale)
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """An OpenCLIP checkpoint file's tensors (safetensors, or torch.load with weights_only=True)."""
-    try:
-        if path.suffix.lower() == ".safetensors":
-            tensors = load_file(str(path))
-        else:
-            tensors = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling / safetensors errors come in many types
-        raise CheckpointError(f"{path}: cannot be read as a weights file ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else ''})") from None
-    if isinstance(tensors, dict) and isinstance(tensors.get("state_dict"), dict):
-        tensors = tensors["state_dict"]
-    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
-        raise CheckpointError(f"{path}: holds no state dict of tensors")
+def read_state_dict(path: Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """An OpenCLIP checkpoint file's tensors, open_clip key names (a pickled file only with allow_pickle)."""
+    tensors = read_weights(path, allow_pickle=allow_pickle)[0]
     if any(k.startswith(SD2_TEXT_PREFIX) for k in tensors):  # a whole SD 2.x checkpoint: take its text tower
         tensors = {k[len(SD2_TEXT_PREFIX):]: v for k, v in tensors.items() if k.startswith(SD2_TEXT_PREFIX)}
     if tensors and all(k.startswith("module.") for k in tensors):  # saved from DistributedDataParallel
@@ -114,17 +103,9 @@ class OpenCLIPTextEncoder(TextEncoder):
     def tokenize(self, prompts) -> TokenizedPrompts:
         """open_clip's tokenization (start, BPE, end, zero padding), with a warning when cut short."""
         prompts = as_prompt_list(prompts)
-        length = self.context_length
-        ids = torch.zeros(len(prompts), length, dtype=torch.long)
-        mask = torch.zeros(len(prompts), length, dtype=torch.long)
-        for i, prompt in enumerate(prompts):
-            tokens = [self.tokenizer.sot_token_id, *self.tokenizer.encode(prompt), self.tokenizer.eot_token_id]
-            if len(tokens) > length:
-                warn_truncated(prompt, len(tokens), length)
-                tokens = tokens[:length - 1] + [self.tokenizer.eot_token_id]
-            ids[i, :len(tokens)] = torch.tensor(tokens)
-            mask[i, :len(tokens)] = 1
-        return TokenizedPrompts(ids, mask)
+        start, end = self.tokenizer.sot_token_id, self.tokenizer.eot_token_id
+        tokens = [[start, *self.tokenizer.encode(prompt), end] for prompt in prompts]
+        return pad_tokens(prompts, tokens, self.context_length, end=end, pad=0)
 
     def encode_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> TextEncoding:
         """The CLIP text transformer, keeping the output of the configured block (final LayerNorm applied)."""
@@ -184,19 +165,19 @@ class OpenCLIPTextEncoder(TextEncoder):
         if output_layer is not None:
             config = _with_output_layer(config, output_layer)
         encoder = cls._load(config, state_dict, folder, image_tower)
-        encoder.metadata = metadata
+        encoder.identity = StageIdentity(metadata=metadata)
         return encoder
 
     @classmethod
     def from_open_clip_file(cls, path: str | Path, open_clip_model: str | None, *, output_layer: str | None = None,
-                            image_tower: bool = True) -> "OpenCLIPTextEncoder":
+                            image_tower: bool = True, allow_pickle: bool = False) -> "OpenCLIPTextEncoder":
         path = Path(path)
         if not open_clip_model:
             raise CheckpointError(f"{path}: an OpenCLIP weights file; name its architecture with "
                                   f"open_clip_model=NAME (e.g. 'ViT-H-14' for SD 2.x)")
         config = _with_output_layer(TextEncoderConfig(open_clip_model=open_clip_model), output_layer or "last")
-        encoder = cls._load(config, read_state_dict(path), path, image_tower)
-        encoder.metadata = {"source": str(path)}
+        encoder = cls._load(config, read_state_dict(path, allow_pickle=allow_pickle), path, image_tower)
+        encoder.identity = StageIdentity(metadata={"source": str(path)})
         return encoder
 
     @classmethod

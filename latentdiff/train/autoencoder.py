@@ -7,20 +7,36 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
-from ..config import AutoencoderTrainingConfig
-from ..data import build_dataset
+from ..data import DataConfig, build_dataset
 from ..eval.image_metrics import psnr
-from ..models.autoencoder import AutoencoderKL
+from ..models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ..models.discriminator import PatchDiscriminator
-from .autoencoder_loss import AutoencoderLoss
-from .loop import TrainingRun, adamw
+from .autoencoder_loss import AutoencoderLoss, AutoencoderLossConfig
+from .loop import TrainConfig, TrainingRun, adamw
 from .perceptual import load_perceptual
+
+
+@dataclass(frozen=True)
+class AutoencoderTrainingConfig:
+    model: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    # The model still improves fast at 2,000 steps (29-32 dB between runs); 3,000 reach 34-35 dB. A linear
+    # cooldown over the last quarter settles it, a short EMA (0.99) follows it (0.999 lagged up to 3 dB),
+    # and bf16 autocast, where the CPU has AMX, makes a step about a third cheaper at the same PSNR.
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=3000, batch_size=16, lr=1e-3, grad_clip=0.0, ema_decay=0.99, cooldown_fraction=0.25,
+        mixed_precision="auto", log_every=50))
+    scale_batches: int = 50           # batches of training data used to measure the latent std
+    eval_batches: int = 20            # batches of held-out data used to measure PSNR
+
 
 METRICS = ["loss", "recon", "kl", "g_loss", "gan_weight", "d_loss", "grad_norm", "lr"]
 

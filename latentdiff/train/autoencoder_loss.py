@@ -6,12 +6,32 @@ so `kl_weight` (1e-6) has the meaning it has in the original configs.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import AutoencoderLossConfig
+from ..config import check_choice
 from ..models.autoencoder import DiagonalGaussian
+
+RECONSTRUCTION_LOSSES = ("l1", "l2")  # AutoencoderLoss' pixel terms
+
+
+@dataclass(frozen=True)
+class AutoencoderLossConfig:
+    recon: str = "l1"                 # pixel reconstruction loss: "l1" or "l2"
+    kl_weight: float = 1e-6           # weight of KL(posterior || N(0, I))
+    disc_start: int = -1              # step at which the PatchGAN discriminator switches on (-1 = never)
+    disc_weight: float = 0.5          # scales the adaptive generator-loss weight
+    disc_layers: int = 2              # strided conv layers in the PatchGAN discriminator
+    disc_ch: int = 64                 # discriminator base width
+    disc_lr: float = 2e-4             # discriminator learning rate
+    lpips_weight: float = 0.0         # perceptual loss weight; used only when lpips_weights is set
+    lpips_weights: str = ""           # local folder holding LPIPS weights (nothing is downloaded)
+
+    def __post_init__(self):
+        check_choice("loss.recon", self.recon, RECONSTRUCTION_LOSSES)
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_directory, atomic_write_json, save_tensors
-from ..config import DataConfig, to_dict
+from ..config import to_dict
+from ..data.sources import DataConfig
 from ..errors import CheckpointError
 
 CACHE_VERSION = 1

@@ -14,9 +14,10 @@ and random state as an uninterrupted run.
 from __future__ import annotations
 
 import csv
-import math
 import json
+import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -27,11 +28,55 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from ..checkpoint import (CONFIG_NAME, WEIGHTS_NAME, atomic_directory, atomic_write_bytes, atomic_write_json,
-                          save_tensors)
-from ..config import TrainConfig, save_yaml
+from ..checkpoint import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    atomic_directory,
+    atomic_write_bytes,
+    atomic_write_json,
+    save_tensors,
+)
+from ..config import check_choice, save_yaml
 from ..errors import CheckpointError, ConfigError
 from .ema import EMA
+
+MIXED_PRECISIONS = ("no", "fp16", "bf16", "auto")  # resolve_mixed_precision turns "auto" into one of the others
+LR_SCHEDULES = ("constant", "cosine")  # what lr_scale does after the warm-up
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 3000                 # optimizer steps
+    batch_size: int = 32              # per process, per accumulation step
+    lr: float = 2e-4                  # peak learning rate
+    warmup_steps: int = 100           # linear warm-up to lr over this many steps
+    lr_schedule: str = "constant"     # after warm-up: "constant", or "cosine" decay to 0 at the last step
+    cooldown_fraction: float = 0.0    # this share of the steps, at the end, takes the lr linearly towards 0
+    weight_decay: float = 0.0         # AdamW decoupled weight decay
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0            # max grad norm (0 = off)
+    grad_accum: int = 1               # gradient accumulation steps
+    mixed_precision: str = "no"       # "no", "fp16" (accelerate: autocast + loss scaling), "bf16" (autocast), or
+                                      # "auto": bf16 where the hardware multiplies bf16 natively (CUDA, a CPU with AMX)
+    ema_decay: float = 0.0            # EMA of the weights (0 = off); the EMA weights are what is saved
+    seed: int = 0                     # seeds model init and data order
+    log_every: int = 25               # steps between metrics rows
+    sample_every: int = 500           # steps between preview images
+    checkpoint_every: int = 500       # steps between checkpoints (a final one is always written)
+    keep_checkpoints: int = 2         # checkpoints kept on disk (the newest ones)
+
+    def __post_init__(self):
+        check_choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
+        check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        if not 0.0 <= self.cooldown_fraction <= 1.0:
+            raise ConfigError(f"train.cooldown_fraction: must be between 0 and 1, got {self.cooldown_fraction}")
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "sample_every", "checkpoint_every",
+                     "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay: must be in [0, 1), got {self.ema_decay}")
+
 
 CHECKPOINT_PREFIX = "step-"
 

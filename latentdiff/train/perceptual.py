@@ -3,7 +3,8 @@
 Nothing is downloaded: `loss.lpips_weights` names a folder holding
     vgg16.pth   torchvision's ImageNet VGG16 state dict (keys features.N.weight / .bias)
     vgg.pth     the LPIPS v0.1 linear-layer weights for VGG (keys linK.model.1.weight)
-Both are read with torch.load(weights_only=True).
+Both exist only as pickles, so they are read with allow_pickle=True, through checkpoint.read_weights:
+torch.load(weights_only=True), tensors only, never code.
 """
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import torch
 from torch import nn
 from torchvision.models import vgg16
 
-from ..config import AutoencoderLossConfig
+from ..checkpoint import read_weights
 from ..errors import CheckpointError
+from .autoencoder_loss import AutoencoderLossConfig
 
 # Indices into torchvision's vgg16().features just after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3.
 _TAPS = (4, 9, 16, 23, 30)
@@ -56,12 +58,10 @@ class LPIPS(nn.Module):
     @classmethod
     def from_folder(cls, folder: str | Path) -> "LPIPS":
         folder = Path(folder)
+        # LPIPS is published only as .pth pickles, in a folder the user named; read_weights still refuses code
+        vgg = read_weights(folder / "vgg16.pth", allow_pickle=True)[0]
+        lin = read_weights(folder / "vgg.pth", allow_pickle=True)[0]
         model = cls()
-        try:
-            vgg = torch.load(folder / "vgg16.pth", map_location="cpu", weights_only=True)
-            lin = torch.load(folder / "vgg.pth", map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError) as err:
-            raise CheckpointError(f"{folder}: cannot read LPIPS weights (vgg16.pth, vgg.pth): {err}") from None
         features = {k[len("features."):]: v for k, v in vgg.items()
                     if k.startswith("features.") and int(k.split(".")[1]) <= _TAPS[-1]}
         try:

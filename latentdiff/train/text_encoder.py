@@ -10,17 +10,31 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from open_clip import ClipLoss
 
-from ..config import TextEncoderTrainingConfig
-from ..data import ShapesDataset, build_dataset
+from ..data import DataConfig, ShapesDataset, build_dataset
 from ..errors import DataError
 from ..eval.retrieval import heldout_retrieval, retrieval_ceiling
+from ..models.text_encoder import TextEncoderConfig
 from ..models.text_encoder_openclip import OpenCLIPTextEncoder
-from .loop import TrainingRun, adamw
+from .loop import TrainConfig, TrainingRun, adamw
+
+
+@dataclass(frozen=True)
+class TextEncoderTrainingConfig:
+    model: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=750, batch_size=64, lr=2.5e-4, warmup_steps=50, lr_schedule="cosine", weight_decay=0.1,
+        betas=(0.9, 0.98),
+        log_every=25, sample_every=250, checkpoint_every=250))
+    eval_batch_size: int = 64         # distinct captions per held-out retrieval batch
+    eval_batches: int = 8             # held-out retrieval batches averaged at the end (and every sample_every steps)
+
 
 RETRIEVAL = ["t2i_top1", "t2i_top5", "i2t_top1", "i2t_top5"]
 # shapes data only: batches that also keep out captions fitting another picture (eval/retrieval.py)
