@@ -23,7 +23,8 @@ DEFAULT_OUT = {
 def add_training_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
     """The flags every train-* command shares."""
     parser.add_argument("--config", help="YAML config (default: the CPU preset for the built-in shapes data)")
-    parser.add_argument("--data", help="'shapes' (built in) or a folder of images with captions")
+    parser.add_argument("--data", help="'shapes' (built in), a folder of images with captions, or tar shards "
+                                       "('DIR/{00000..00099}.tar', a .txt list of shards, or a folder of .tar)")
     parser.add_argument("--out", default=DEFAULT_OUT[stage], help="run folder (default: %(default)s)")
     parser.add_argument("--steps", type=int, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, help="batch size per process")
@@ -103,7 +104,23 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
                 lambda p: _convert().add_convert_arguments(p), lambda a: _convert().run_convert(a)),
     "bench": ("time our UNet against diffusers' with the same weights, side by side in one process",
               lambda p: _bench().add_bench_arguments(p), lambda a: _bench().run_bench(a)),
+    "pack": ("write a folder of captioned images as WebDataset tar shards (KEY.jpg|png|... + KEY.txt) for --data",
+             lambda p: _pack().add_pack_arguments(p), lambda a: _pack().run_pack(a)),
+    "serve": ("a local web page to generate, compare and keep images (needs the ui extra: gradio)",
+              lambda p: _serve().add_serve_arguments(p), lambda a: _serve().run_serve(a)),
 }
+
+
+def _serve():
+    from . import serve  # declares the command only; gradio is imported when it runs
+
+    return serve
+
+
+def _pack():
+    from .data import pack  # webdataset: only when the command runs
+
+    return pack
 
 
 def _bench():

@@ -17,6 +17,10 @@ class CheckpointError(LatentDiffError):
     """A checkpoint is missing, malformed, or does not fit the stages it is loaded with."""
 
 
+class TrainingDiverged(LatentDiffError):
+    """Training produced non-finite gradients, weights or measurements (usually: the learning rate is too high)."""
+
+
 def short_list(items, limit: int = 8) -> str:
     """`[a, b, ...] (n)`: the first `limit` of `items`, sorted, and how many there are, for one-line messages."""
     items = sorted(map(str, items))

@@ -4,7 +4,8 @@ import math
 import pytest
 
 from latentdiff.errors import ConfigError
-from latentdiff.train.loop import TrainConfig, lr_scale
+from latentdiff.train.loop import TrainConfig
+from latentdiff.train.optim import lr_scale
 
 
 def test_warmup_then_constant():

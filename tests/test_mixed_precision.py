@@ -4,7 +4,8 @@ import torch
 from test_train_autoencoder import tiny_config
 
 from latentdiff.train.autoencoder import train_autoencoder
-from latentdiff.train.loop import TrainConfig, TrainingRun, resolve_mixed_precision
+from latentdiff.train.loop import TrainConfig, TrainingRun
+from latentdiff.train.optim import resolve_mixed_precision
 
 CPU = torch.device("cpu")
 

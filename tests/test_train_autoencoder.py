@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from resume_check import kill_then_resume
 
 from latentdiff.cli import main
@@ -96,3 +97,27 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert main(["train-autoencoder", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"),
                  *TINY]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_a_diverging_run_stops_with_exit_2_and_keeps_its_last_good_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train-autoencoder", "--out", str(out), *TINY, "train.steps=4"]) == 0
+    good = {p.name: (p / "model.safetensors").read_bytes() for p in (out / "checkpoints").iterdir()}
+    capsys.readouterr()
+    code = main(["train-autoencoder", "--out", str(out), "--resume", "train.steps=30", "train.lr=1e6",
+                 "train.max_bad_steps=3"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # beside the progress bar
+    assert code == 2 and len(errors) == 1 and "non-finite gradient" in errors[0] and "train.lr" in errors[0]
+    # the checkpoints of the good steps are still there, byte for byte; no saved file holds a NaN
+    assert {p.name: (p / "model.safetensors").read_bytes() for p in (out / "checkpoints").iterdir()} == good
+    for weights in out.rglob("*.safetensors"):
+        for key, tensor in load_file(str(weights)).items():
+            assert not tensor.is_floating_point() or torch.isfinite(tensor).all(), (weights, key)
+    assert math.isfinite(AutoencoderKL.from_pretrained(out).config.scale_factor)
+
+
+def test_grad_norm_is_logged_without_clipping(tmp_path):
+    train_autoencoder(tiny_config("train.grad_clip=0"), tmp_path / "run")
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    column = rows[0].split(",").index("grad_norm")
+    assert all(math.isfinite(float(r.split(",")[column])) for r in rows[1:])

@@ -36,7 +36,7 @@ from .images import (
     load_image,
     parse_colour,
     pil_to_tensor,
-    resize_and_crop,
+    prepare_image,
 )
 
 METADATA_NAME = "metadata.jsonl"
@@ -92,7 +92,7 @@ def read_metadata(root: Path) -> dict[str, str]:
             name = Path(entry["file_name"]).as_posix()
             if not (root / name).is_file():
                 raise DataError(f"{path}, line {number}: file {entry['file_name']!r} does not exist")
-            captions[name] = _clean_caption(entry["text"])
+            captions[name] = clean_caption(entry["text"])
     return captions
 
 
@@ -102,12 +102,13 @@ def read_sidecar_captions(root: Path, names: list[str]) -> dict[str, str]:
     for name in names:
         sidecar = (root / name).with_suffix(".txt")
         if sidecar.is_file():
-            captions[name] = _clean_caption(sidecar.read_text(encoding="utf-8", errors="replace"))
+            captions[name] = clean_caption(sidecar.read_text(encoding="utf-8", errors="replace"))
     return captions
 
 
-def _clean_caption(text: str) -> str:
-    return " ".join(text.split())  # one line, single spaces: newlines mean nothing to a tokenizer
+def clean_caption(text: str) -> str:
+    """One line, single spaces (newlines mean nothing to a tokenizer); folders and shards both use it."""
+    return " ".join(text.split())
 
 
 def verify_image(path: Path) -> str | None:
@@ -118,6 +119,39 @@ def verify_image(path: Path) -> str | None:
     except Exception as err:  # Pillow raises many types for bad files; each just means "skip it"
         return describe_image_error(err)
     return None
+
+
+def scan_folder(root: Path, require_captions: bool = True,
+                stacklevel: int = 2) -> tuple[list[str], dict[str, str], dict[str, str]]:
+    """(usable images, {image: caption}, {path: reason} for files left out) of a folder, as relative paths.
+
+    Every image is opened and verified; the ones that fail are skipped with one warning naming them.
+    DataError if none is usable, or (require_captions) if any usable image has no caption.
+    """
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root}")
+    candidates = _find_images(root)
+    captions = read_metadata(root) if (root / METADATA_NAME).is_file() else read_sidecar_captions(root, candidates)
+    usable, skipped = [], {}
+    for name in candidates:
+        reason = verify_image(root / name)
+        if reason is None:
+            usable.append(name)
+        else:
+            skipped[str(root / name)] = reason
+    if skipped:
+        listed = [f"{Path(p).relative_to(root).as_posix()} ({r})" for p, r in skipped.items()]
+        warnings.warn(f"{root}: skipped {len(skipped)} of {len(candidates)} files: {_list_names(listed)}",
+                      stacklevel=stacklevel)
+    if not usable:
+        raise DataError(f"{root}: no usable images (found {len(candidates)} image files)")
+    uncaptioned = [name for name in usable if name not in captions]
+    if uncaptioned and require_captions:
+        raise DataError(
+            f"{root}: {len(uncaptioned)} of {len(usable)} images have no caption "
+            f"({_list_names(uncaptioned)}); put a .txt file beside each image, or a {METADATA_NAME} "
+            f"with \"file_name\" and \"text\" in the folder")
+    return usable, captions, skipped
 
 
 class ImageFolderDataset(Dataset):
@@ -131,37 +165,9 @@ class ImageFolderDataset(Dataset):
         parse_colour(background)  # fail now on a bad colour name, not in the first batch
         self.root, self.size, self.crop, self.flip = Path(root), size, crop, flip
         self.background, self.split, self.seed = background, split, seed
-        self.skipped: dict[str, str] = {}  # path -> reason, for every file left out
-        self._bad: set[int] = set()        # indices that failed to decode (in this process)
-
-        if not self.root.is_dir():
-            raise DataError(f"data folder not found: {self.root}")
-        candidates = _find_images(self.root)
-        if (self.root / METADATA_NAME).is_file():
-            captions = read_metadata(self.root)
-        else:
-            captions = read_sidecar_captions(self.root, candidates)
-
-        usable = []
-        for name in candidates:
-            reason = verify_image(self.root / name)
-            if reason is None:
-                usable.append(name)
-            else:
-                self.skipped[str(self.root / name)] = reason
-        if self.skipped:
-            listed = [f"{Path(p).relative_to(self.root).as_posix()} ({r})" for p, r in self.skipped.items()]
-            warnings.warn(f"{self.root}: skipped {len(self.skipped)} of {len(candidates)} files: "
-                          f"{_list_names(listed)}", stacklevel=2)
-        if not usable:
-            raise DataError(f"{self.root}: no usable images (found {len(candidates)} image files)")
-
-        uncaptioned = [name for name in usable if name not in captions]
-        if uncaptioned and require_captions:
-            raise DataError(
-                f"{self.root}: {len(uncaptioned)} of {len(usable)} images have no caption "
-                f"({_list_names(uncaptioned)}); put a .txt file beside each image, or a {METADATA_NAME} "
-                f"with \"file_name\" and \"text\" in the folder")
+        self._bad: set[int] = set()  # indices that failed to decode (in this process)
+        # skipped: path -> reason, for every file left out
+        usable, captions, self.skipped = scan_folder(self.root, require_captions, stacklevel=3)
         self.files = self._split_files(usable, split)
         self.captions = [captions.get(name, "") for name in self.files]
 
@@ -181,11 +187,8 @@ class ImageFolderDataset(Dataset):
     def load(self, index: int) -> Image.Image:
         """Image `index` resized, cropped and maybe flipped; UnreadableImageError if it cannot be decoded."""
         rng = random.Random(f"imagefolder/{self.seed}/{index}")  # same crop and flip for the same index
-        img = load_image(self.root / self.files[index], self.background)
-        img = resize_and_crop(img, self.size, self.crop, rng)
-        if self.flip and rng.random() < 0.5:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return img
+        return prepare_image(load_image(self.root / self.files[index], self.background), self.size, self.crop,
+                             self.flip, rng)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         if not -len(self) <= index < len(self):

@@ -6,8 +6,10 @@ store, often black), and high-bit-depth or float images are rescaled to 0..255 i
 """
 from __future__ import annotations
 
+import io
 import random
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -35,7 +37,7 @@ def parse_colour(name: str) -> tuple[int, int, int]:
 class UnreadableImageError(DataError):
     """An image file that cannot be opened or decoded; `reason` is short ("truncated", "not an image")."""
 
-    def __init__(self, path: Path, reason: str):
+    def __init__(self, path: str | Path, reason: str):
         super().__init__(f"{path}: cannot read image ({reason})")
         self.path, self.reason = path, reason
 
@@ -43,8 +45,17 @@ class UnreadableImageError(DataError):
 def load_image(path: str | Path, background: str = "white") -> Image.Image:
     """Any image Pillow reads, as 8-bit RGB; UnreadableImageError naming the file if it cannot be decoded."""
     path = Path(path)
+    return _read_rgb(path, path, background)
+
+
+def decode_image(data: bytes, name: str, background: str = "white") -> Image.Image:
+    """`load_image` for an image held in memory (a tar member); errors name it by `name`."""
+    return _read_rgb(io.BytesIO(data), name, background)
+
+
+def _read_rgb(source: Path | BinaryIO, path: str | Path, background: str) -> Image.Image:
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             img.load()  # decode now, so a truncated file fails here rather than somewhere later
             img = ImageOps.exif_transpose(img)  # photos store their rotation in EXIF
             return to_rgb(img, background)
@@ -119,6 +130,14 @@ def resize_and_crop(img: Image.Image, size: int, crop: str = "center",
     if (left, top, new_w, new_h) == (0, 0, size, size):
         return img
     return img.crop((left, top, left + size, top + size))
+
+
+def prepare_image(img: Image.Image, size: int, crop: str, flip: bool, rng: random.Random) -> Image.Image:
+    """What every dataset does to a loaded image: resize_and_crop, then a horizontal flip half the time if `flip`."""
+    img = resize_and_crop(img, size, crop, rng)
+    if flip and rng.random() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return img
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:

@@ -11,11 +11,13 @@ from typing import Callable
 
 import torch
 
+from ..batch_random import BatchGenerator, draw
 from ..config import check_choice
 from ..errors import ConfigError
 from .prediction import get_prediction
 from .schedules import NoiseSchedule
 
+Generator = torch.Generator | BatchGenerator | None  # see batch_random.py
 WEIGHTINGS = ("uniform", "min_snr")
 
 
@@ -38,34 +40,27 @@ class ObjectiveConfig:
             raise ConfigError(f"objective.cond_dropout: must be in [0, 1], got {self.cond_dropout}")
 
 
-def _on_generator(draw: Callable, shape: tuple, generator: torch.Generator | None, like: torch.Tensor,
-                  **kwargs) -> torch.Tensor:
-    """`draw(shape)` on the generator's device (a CPU generator cannot fill a CUDA tensor), moved to `like`'s."""
-    device = generator.device if generator is not None else like.device
-    return draw(*shape, generator=generator, device=device, **kwargs).to(like.device)
-
-
 def sample_timesteps(x0: torch.Tensor, num_train_timesteps: int,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     generator: Generator = None) -> torch.Tensor:
     """(B,) long timesteps, uniform over 0..T-1."""
     def randint(*shape, **kw):
         return torch.randint(num_train_timesteps, shape, **kw)
-    return _on_generator(randint, (x0.shape[0],), generator, x0)
+    return draw(randint, (x0.shape[0],), generator, x0)
 
 
-def sample_noise(x0: torch.Tensor, generator: torch.Generator | None = None, offset_noise: float = 0.0) -> torch.Tensor:
+def sample_noise(x0: torch.Tensor, generator: Generator = None, offset_noise: float = 0.0) -> torch.Tensor:
     """(B, C, H, W) ε ~ N(0, I), plus `offset_noise`·N(0, 1) constant per (sample, channel) when > 0.
 
     The offset (Guttenberg 2023) lets the model change an image's mean colour, which plain ε almost never asks of it.
     """
-    noise = _on_generator(torch.randn, tuple(x0.shape), generator, x0, dtype=x0.dtype)
+    noise = draw(torch.randn, tuple(x0.shape), generator, x0, dtype=x0.dtype)
     if offset_noise > 0:
-        offset = _on_generator(torch.randn, (*x0.shape[:2], 1, 1), generator, x0, dtype=x0.dtype)  # (B, C, 1, 1)
+        offset = draw(torch.randn, (*x0.shape[:2], 1, 1), generator, x0, dtype=x0.dtype)  # (B, C, 1, 1)
         noise = noise + offset_noise * offset
     return noise
 
 
-def drop_conditioning(cond: dict, uncond: dict, p: float, generator: torch.Generator | None = None) -> dict:
+def drop_conditioning(cond: dict, uncond: dict, p: float, generator: Generator = None) -> dict:
     """A copy of `cond` where, with probability p, a sample's "context" (and "context_mask") is the unconditional one.
 
     uncond["context"] is (1 or B, L, D), e.g. the empty caption's encoding. Training on it teaches the
@@ -74,7 +69,7 @@ def drop_conditioning(cond: dict, uncond: dict, p: float, generator: torch.Gener
     """
     context = cond["context"]  # (B, L, D)
     B, L = context.shape[:2]
-    drop = _on_generator(torch.rand, (B,), generator, context) < p  # (B,) bool
+    drop = draw(torch.rand, (B,), generator, context) < p  # (B,) bool
     out = dict(cond)
     out["context"] = torch.where(drop[:, None, None], uncond["context"].expand_as(context), context)
     mask, uncond_mask = cond.get("context_mask"), uncond.get("context_mask")
@@ -100,7 +95,7 @@ class DiffusionLoss:
         self.prediction = get_prediction(cfg.prediction)
 
     def __call__(self, net: Callable, x0: torch.Tensor, cond: dict,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: Generator = None) -> torch.Tensor:
         cfg = self.cfg
         t = sample_timesteps(x0, self.schedule.num_train_timesteps, generator)  # (B,)
         noise = sample_noise(x0, generator, cfg.offset_noise)

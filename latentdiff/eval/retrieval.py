@@ -18,6 +18,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from ..data.shapes import ShapesDataset, ShapesSample, relation_holds
+from ..data.sources import iter_in_order
 from ..errors import DataError
 from ..models.text_encoder import TextEncoder
 from .judge import stated_checks
@@ -120,7 +121,7 @@ def heldout_retrieval(encoder: TextEncoder, dataset, batch_size: int = 64, batch
     if unambiguous and not isinstance(dataset, ShapesDataset):
         raise DataError("unambiguous retrieval needs the shapes ground truth (data.source: shapes)")
 
-    samples = _shapes_samples(dataset, with_images=True) if unambiguous else (dataset[i] for i in range(len(dataset)))
+    samples = _shapes_samples(dataset, with_images=True) if unambiguous else iter_in_order(dataset)
     sample_batches = distinct_caption_batches(samples, batch_size, batches,
                                               shapes_captions_conflict if unambiguous else None)
     was_training = encoder.training

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..batch_random import BatchGenerator, draw
 from ..checkpoint import PretrainedMixin
 from ..errors import ConfigError
 
@@ -217,8 +218,8 @@ class DiagonalGaussian:
         self.logvar = logvar.clamp(-30.0, 20.0)
         self.std = torch.exp(0.5 * self.logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+    def sample(self, generator: torch.Generator | BatchGenerator | None = None) -> torch.Tensor:
+        noise = draw(torch.randn, tuple(self.mean.shape), generator, self.mean, dtype=self.mean.dtype)
         return self.mean + self.std * noise
 
     def mode(self) -> torch.Tensor:
@@ -264,7 +265,7 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
         return self.decoder(self.post_quant_conv(z))
 
     def forward(self, images: torch.Tensor, sample: bool = True,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
+                generator: torch.Generator | BatchGenerator | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
         posterior = self.encode(images)
         z = posterior.sample(generator) if sample else posterior.mode()
         return self.decode(z), posterior

@@ -14,12 +14,14 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
-from ..data import DataConfig, build_dataset
+from ..data import DataConfig, build_dataset, in_order, iter_in_order
+from ..errors import TrainingDiverged
 from ..eval.image_metrics import psnr
 from ..models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ..models.discriminator import PatchDiscriminator
 from .autoencoder_loss import AutoencoderLoss, AutoencoderLossConfig
-from .loop import TrainConfig, TrainingRun, adamw
+from .loop import TrainConfig, TrainingRun
+from .optim import adamw
 from .perceptual import load_perceptual
 
 
@@ -43,7 +45,7 @@ METRICS = ["loss", "recon", "kl", "g_loss", "gan_weight", "d_loss", "grad_norm",
 
 def ordered_batches(dataset, batch_size: int, count: int):
     """The first `count` batches of `dataset` in index order (deterministic evaluation data)."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False)
+    loader = DataLoader(in_order(dataset), batch_size=batch_size, shuffle=False, drop_last=False)
     for i, batch in enumerate(loader):
         if i >= count:
             break
@@ -98,7 +100,7 @@ def train_autoencoder(cfg: AutoencoderTrainingConfig, out_dir: str | Path, resum
         perceptual = perceptual.to(run.device)
     objective = AutoencoderLoss(cfg.loss, discriminator, perceptual)
     run.use_ema("model")
-    preview = torch.stack([heldout_set[i]["image"] for i in range(min(8, len(heldout_set)))]).to(run.device)
+    preview = torch.stack([s["image"] for s in iter_in_order(heldout_set, 8)]).to(run.device)
     last_layer = run.unwrap(model).decoder.conv_out.weight
     results: dict = {}
 
@@ -115,7 +117,7 @@ def train_autoencoder(cfg: AutoencoderTrainingConfig, out_dir: str | Path, resum
         for batch in micro_batches:
             images = batch["image"]
             with run.autocast():
-                recon, posterior = model(images)
+                recon, posterior = model(images, generator=run.batch_generator())
                 loss, logs = objective.generator_loss(images, recon, posterior, step, last_layer)
             run.backward(loss)
         logs.update(loss=loss.item(), lr=opt_g.param_groups[0]["lr"],
@@ -124,7 +126,7 @@ def train_autoencoder(cfg: AutoencoderTrainingConfig, out_dir: str | Path, resum
         if objective.gan_active(step):
             for batch in micro_batches:
                 with run.autocast():
-                    recon, _ = model(batch["image"])
+                    recon, _ = model(batch["image"], generator=run.batch_generator())
                     d_loss = objective.discriminator_loss(batch["image"], recon)
                 run.backward(d_loss)
             logs["d_loss"] = d_loss.item()
@@ -132,8 +134,9 @@ def train_autoencoder(cfg: AutoencoderTrainingConfig, out_dir: str | Path, resum
         run.log(step, logs)
         if run.is_main and run.due(step, cfg.train.sample_every):
             save_reconstruction_grid(run.exported_module("model"), preview, run.samples_dir / f"recon-{step + 1:07d}.png")
-        if step + 1 == cfg.train.steps:
-            results.update(measure(run.exported_module("model"), cfg, train_set, heldout_set, run.device))
+        if step + 1 == cfg.train.steps and run.is_main:  # the main process alone measures and exports
+            results.update(measure(run.exported_module("model"), cfg, train_set, heldout_set, run.device,
+                                   cfg.train.batch_size * run.accelerator.num_processes))
         run.maybe_checkpoint(step, export)
     if results:
         results["train_minutes"] = round((time.time() - start) / 60, 2)
@@ -144,9 +147,15 @@ def train_autoencoder(cfg: AutoencoderTrainingConfig, out_dir: str | Path, resum
     return results
 
 
-def measure(model: AutoencoderKL, cfg: AutoencoderTrainingConfig, train_set, heldout_set, device) -> dict:
+def measure(model: AutoencoderKL, cfg: AutoencoderTrainingConfig, train_set, heldout_set, device,
+            batch: int) -> dict:
+    """Latent scale and held-out PSNR over `batch`-sized batches (the global batch: the same data however
+    many processes trained)."""
     model.eval()
-    batch = cfg.train.batch_size
     std = measure_latent_std(model, train_set, batch, cfg.scale_batches, device)
+    if not (math.isfinite(std) and std > 0):
+        raise TrainingDiverged(f"the trained autoencoder's latent std is {std}, so its scale_factor would be "
+                               f"{1 / std if std else float('inf')}; the run diverged (lower train.lr); the last "
+                               f"good checkpoint is kept")
     return {"scale_factor": 1.0 / std, "latent_std": std,
             "psnr": heldout_psnr(model, heldout_set, batch, cfg.eval_batches, device)}

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
+from ..batch_random import BatchGenerator, draw
 from ..config import check_choice
 from ..data import DataConfig, build_dataset
 from ..diffusion import DiffusionLoss, NoiseSchedule, drop_conditioning
@@ -30,7 +31,8 @@ from ..models.unet import UNet, UNetConfig
 from ..samplers import SamplingConfig
 from ..stages import UNetRecord
 from .latent_cache import LatentCache, cache_key, load_or_build_cache
-from .loop import TrainConfig, TrainingRun, adamw
+from .loop import TrainConfig, TrainingRun
+from .optim import adamw
 
 
 @dataclass(frozen=True)
@@ -96,16 +98,17 @@ def check_fits(cfg: DiffusionTrainingConfig, autoencoder: AutoencoderKL, text_en
                           f"autoencoder's factor {f} times the UNet's {model.downsample_factor})")
 
 
-def step_generator(seed: int, step: int, process: int) -> torch.Generator:
-    """This step's randomness (timesteps, noise, posterior samples, dropout), a function of (seed, step, process),
-    so a resumed run draws exactly what an uninterrupted one would, on any device."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + process)
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """This step's randomness (timesteps, noise, posterior samples, dropout), a function of (seed, step), so a
+    resumed run draws exactly what an uninterrupted one would, on any device; every process draws for the
+    global batch and keeps its own rows (TrainingRun.batch_generator)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009)
 
 
-def sample_latents(batch: dict, scale_factor: float, generator: torch.Generator) -> torch.Tensor:
+def sample_latents(batch: dict, scale_factor: float, generator: BatchGenerator) -> torch.Tensor:
     """(B, C, h, w) z = (mean + std·ε)·scale_factor from the cached posterior of each image."""
     mean, std = batch["mean"], batch["std"]
-    noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+    noise = draw(torch.randn, tuple(mean.shape), generator, mean, dtype=mean.dtype)
     return (mean + std * noise) * scale_factor
 
 
@@ -143,10 +146,11 @@ def train_diffusion(cfg: DiffusionTrainingConfig, out_dir: str | Path, resume: b
     key = cache_key(cfg.data, dataset, record.stages["autoencoder"].weights_hash,
                     record.stages["text_encoder"].weights_hash, text_encoder)
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else run.out_dir.parent / "latent_cache"
-    with run.accelerator.main_process_first():
-        cache: LatentCache = load_or_build_cache(cache_root, dataset, key, autoencoder, text_encoder,
-                                                 batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers,
-                                                 log=run.print, progress=run.is_main)
+    # every process encodes its share of the shards; the main one then writes the index
+    cache: LatentCache = load_or_build_cache(
+        cache_root, dataset, key, autoencoder, text_encoder, rank=run.accelerator.process_index,
+        world_size=run.accelerator.num_processes, barrier=run.accelerator.wait_for_everyone,
+        batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers, log=run.print, progress=run.is_main)
     cache.to(run.device)
     uncond = cache.unconditional()
 
@@ -161,12 +165,11 @@ def train_diffusion(cfg: DiffusionTrainingConfig, out_dir: str | Path, resume: b
     start = time.time()
     for step, micro_batches in run.steps(cache):
         run.set_lr(optimizer, cfg.train.lr, step)
-        generator = step_generator(cfg.train.seed, step, run.accelerator.process_index)
+        generator = run.batch_generator(step_generator(cfg.train.seed, step))
         for batch in micro_batches:
             z = sample_latents(batch, scale_factor, generator)
-            states, mask = cache.text(batch["caption"])
-            cond = drop_conditioning({"context": states, "context_mask": mask}, uncond, cfg.objective.cond_dropout,
-                                     generator)
+            cond = drop_conditioning({"context": batch["states"], "context_mask": batch["mask"]}, uncond,
+                                     cfg.objective.cond_dropout, generator)
             with run.autocast():
                 loss = objective(unet, z, cond, generator)
             run.backward(loss)

@@ -13,7 +13,6 @@ and random state as an uninterrupted run.
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import shutil
@@ -22,10 +21,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from safetensors.torch import load_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from ..checkpoint import (
@@ -37,11 +36,14 @@ from ..checkpoint import (
     save_tensors,
 )
 from ..config import check_choice, save_yaml
-from ..errors import CheckpointError, ConfigError
+from ..batch_random import BatchGenerator
+from ..errors import CheckpointError, ConfigError, TrainingDiverged, short_list
+from .data_order import ResumableSampler
+from .distributed import check_same_config, make_accelerator, process_state, sync_batchnorm
 from .ema import EMA
+from .metrics import MetricsLog
+from .optim import LR_SCHEDULES, MIXED_PRECISIONS, lr_scale, resolve_mixed_precision
 
-MIXED_PRECISIONS = ("no", "fp16", "bf16", "auto")  # resolve_mixed_precision turns "auto" into one of the others
-LR_SCHEDULES = ("constant", "cosine")  # what lr_scale does after the warm-up
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class TrainConfig:
     sample_every: int = 500           # steps between preview images
     checkpoint_every: int = 500       # steps between checkpoints (a final one is always written)
     keep_checkpoints: int = 2         # checkpoints kept on disk (the newest ones)
+    max_bad_steps: int = 10           # consecutive steps with a non-finite gradient skipped before the run stops
 
     def __post_init__(self):
         check_choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
@@ -71,7 +74,7 @@ class TrainConfig:
         if not 0.0 <= self.cooldown_fraction <= 1.0:
             raise ConfigError(f"train.cooldown_fraction: must be between 0 and 1, got {self.cooldown_fraction}")
         for name in ("steps", "batch_size", "grad_accum", "log_every", "sample_every", "checkpoint_every",
-                     "keep_checkpoints"):
+                     "keep_checkpoints", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be at least 1, got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -79,88 +82,6 @@ class TrainConfig:
 
 
 CHECKPOINT_PREFIX = "step-"
-
-
-class ResumableSampler(Sampler[int]):
-    """An endless stream of dataset indices: epoch e is a permutation seeded by (seed, e).
-
-    Sample position p of the stream goes to process p % world_size, so processes see disjoint samples,
-    and the stream can start at any position (resume) without replaying the earlier ones.
-    """
-
-    def __init__(self, length: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1):
-        self.length, self.seed, self.start, self.rank, self.world_size = length, seed, start, rank, world_size
-
-    def __iter__(self) -> Iterator[int]:
-        position = self.start * self.world_size + self.rank
-        while True:
-            epoch, offset = divmod(position, self.length)
-            order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-            while offset < self.length:
-                yield int(order[offset])
-                offset += self.world_size
-            position = (epoch + 1) * self.length + (offset - self.length)
-
-
-class MetricsLog:
-    """metrics.csv with a fixed set of columns; on resume, rows after the resumed step are dropped."""
-
-    def __init__(self, path: Path, columns: list[str], resume_step: int):
-        self.path, self.columns = path, ["step"] + columns
-        rows = []
-        if resume_step and path.exists():
-            with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, self.columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-
-    def write(self, step: int, values: dict[str, float]) -> None:
-        with open(self.path, "a", newline="") as f:
-            row = {"step": step, **{k: f"{v:.6g}" for k, v in values.items()}}
-            csv.DictWriter(f, self.columns, extrasaction="ignore").writerow(row)
-
-
-def adamw(params, train: TrainConfig, lr: float | None = None, betas: tuple[float, float] | None = None,
-          weight_decay: float | None = None) -> torch.optim.AdamW:
-    """AdamW with the run's settings (each overridable); fused: one kernel for all parameters, which
-    makes the optimizer step about 3x faster on a CPU (an eighth of a small UNet's training step)."""
-    return torch.optim.AdamW(params, lr=train.lr if lr is None else lr, betas=betas or train.betas,
-                             weight_decay=train.weight_decay if weight_decay is None else weight_decay, fused=True)
-
-
-def lr_scale(train: TrainConfig, step: int) -> float:
-    """The learning rate at `step` (0-based) as a share of the peak: a linear warm-up over
-    train.warmup_steps, then constant or a cosine decay to 0 at train.steps; train.cooldown_fraction > 0
-    also scales the last N = fraction * steps steps linearly down (1, ..., 1/N). A function of the step
-    alone, so resume is exact."""
-    warmup, total = max(1, train.warmup_steps), train.steps
-    cooldown = round(train.cooldown_fraction * total)
-    scale = min(1.0, (step + 1) / warmup)
-    if train.lr_schedule == "cosine" and step >= warmup:
-        scale = 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-    if cooldown and step >= total - cooldown:
-        scale *= (total - step) / cooldown
-    return scale
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matrix products run natively on `device`: a CUDA GPU with bf16 support, or a CPU with
-    AMX tiles (Intel Sapphire Rapids and later; elsewhere bf16 on a CPU is emulated and slower than fp32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-        return bool(amx and amx())
-    return False
-
-
-def resolve_mixed_precision(setting: str, device: torch.device) -> str:
-    """The precision a run uses ("no", "fp16" or "bf16"): "auto" becomes "bf16" where native_bf16, else "no"."""
-    if setting != "auto":
-        return setting
-    return "bf16" if native_bf16(device) else "no"
 
 
 def completed_steps(out_dir: str | Path) -> int:
@@ -186,11 +107,17 @@ class TrainingRun:
     def __init__(self, out_dir: str | Path, config: Any, train: TrainConfig, *, resume: bool = False,
                  metrics: list[str] = (), accelerator: Accelerator | None = None):
         self.out_dir, self.config, self.train = Path(out_dir), config, train
-        device = accelerator.device if accelerator is not None else PartialState().device
+        device = accelerator.device if accelerator is not None else process_state().device
         self.precision = resolve_mixed_precision(train.mixed_precision, device)
         # bf16 needs no loss scaling, so it is a plain torch.autocast (see autocast()) rather than accelerate's
         # setting, which is fixed once per process: the quickstart trains stages of different precisions in one.
-        self.accelerator = accelerator or Accelerator(mixed_precision="fp16" if self.precision == "fp16" else "no")
+        self.accelerator = accelerator or make_accelerator("fp16" if self.precision == "fp16" else "no")
+        check_same_config(self.accelerator, config)
+        if self.accelerator.num_processes > 1:
+            self.print(f"{self.accelerator.num_processes} processes ({self.accelerator.distributed_type.value}, "
+                       f"{self.device.type}); batch {train.batch_size} per process")
+        self.bad_steps = 0  # consecutive steps skipped for a non-finite gradient
+        self.last_step_skipped = False
         self.modules: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.ema: EMA | None = None
@@ -235,7 +162,10 @@ class TrainingRun:
             tqdm.write(" ".join(str(a) for a in args))
 
     def track(self, name: str, module: nn.Module, optimizer: torch.optim.Optimizer | None = None):
-        """Prepare `module` (and its optimizer) with accelerate and include them in checkpoints."""
+        """Prepare `module` (and its optimizer) with accelerate and include them in checkpoints; under several
+        processes its BatchNorms normalise over every process's batch."""
+        if self.accelerator.num_processes > 1:
+            module = sync_batchnorm(module)
         if optimizer is None:
             module = self.accelerator.prepare(module)
         else:
@@ -254,6 +184,15 @@ class TrainingRun:
     def unwrap(self, module: nn.Module) -> nn.Module:
         return self.accelerator.unwrap_model(module)
 
+    def batch_generator(self, generator: torch.Generator | None = None) -> BatchGenerator:
+        """Draws for this step's global batch, kept for this process's rows (see batch_random.py); `generator`
+        None draws from torch's default generator, which every process seeds and advances alike."""
+        return BatchGenerator(generator, self.accelerator.process_index, self.accelerator.num_processes)
+
+    def mean_across(self, value: torch.Tensor) -> float:
+        """The mean of a scalar over all processes (a collective: every process must call it)."""
+        return self.accelerator.reduce(value.detach().float().reshape(1), "mean").item()
+
     def set_lr(self, optimizer: torch.optim.Optimizer, peak_lr: float, step: int) -> None:
         for group in optimizer.param_groups:
             group["lr"] = peak_lr * lr_scale(self.train, step)
@@ -261,15 +200,22 @@ class TrainingRun:
     # -- the loop -------------------------------------------------------------------------------
 
     def dataloader(self, dataset: Dataset, start_batch: int = 0) -> DataLoader:
-        per_step = self.train.batch_size * self.train.grad_accum
-        sampler = ResumableSampler(len(dataset), self.train.seed, start_batch * per_step,
-                                   self.accelerator.process_index, self.accelerator.num_processes)
+        """This process's batches from step `start_batch` on. A map-style dataset is read in the order of a
+        ResumableSampler; a streamed one (IterableDataset, e.g. tar shards) is told its part and position."""
+        accel, train = self.accelerator, self.train
+        workers = self.config.data.num_workers if hasattr(self.config, "data") else 0
         # A private generator: the DataLoader would otherwise draw its worker seed from the global RNG,
         # so that a resumed run (one more DataLoader) would diverge from an uninterrupted one.
-        return DataLoader(dataset, batch_size=self.train.batch_size, sampler=sampler,
-                          generator=torch.Generator().manual_seed(self.train.seed),
-                          num_workers=self.config.data.num_workers if hasattr(self.config, "data") else 0,
-                          drop_last=True)
+        generator = torch.Generator().manual_seed(train.seed)
+        if isinstance(dataset, IterableDataset):
+            dataset.configure(rank=accel.process_index, world_size=accel.num_processes, seed=train.seed,
+                              start_batch=start_batch * train.grad_accum, batch_size=train.batch_size)
+            return DataLoader(dataset, batch_size=train.batch_size, num_workers=workers, generator=generator,
+                              drop_last=True)
+        sampler = ResumableSampler(len(dataset), train.seed, start_batch * train.batch_size * train.grad_accum,
+                                   accel.process_index, accel.num_processes)
+        return DataLoader(dataset, batch_size=train.batch_size, sampler=sampler, generator=generator,
+                          num_workers=workers, drop_last=True)
 
     def steps(self, dataset: Dataset) -> Iterator[tuple[int, list[Any]]]:
         """Yield (step, micro-batches) from the resumed step to train.steps; batches are on the device."""
@@ -299,17 +245,31 @@ class TrainingRun:
         self.accelerator.backward(loss / self.train.grad_accum)
 
     def clip_and_step(self, optimizer: torch.optim.Optimizer, module: nn.Module) -> float:
-        """Clip gradients (train.grad_clip), step, zero; returns the pre-clip gradient norm."""
-        norm = float("nan")
-        if self.train.grad_clip > 0:
-            norm = float(self.accelerator.clip_grad_norm_(module.parameters(), self.train.grad_clip))
-        optimizer.step()
+        """Clip gradients (train.grad_clip; 0 = measure only), step, zero; returns the pre-clip gradient norm.
+
+        A non-finite norm (the gradients are already averaged over processes, so every process sees the same
+        one) skips the step with a warning; train.max_bad_steps such steps in a row stop the run (TrainingDiverged).
+        """
+        clip = self.train.grad_clip if self.train.grad_clip > 0 else float("inf")
+        norm = float(self.accelerator.clip_grad_norm_(module.parameters(), clip))
+        self.last_step_skipped = not math.isfinite(norm)
+        if self.last_step_skipped:
+            self.bad_steps += 1
+            self.print(f"step {self.step + 1}: gradient norm {norm}; step skipped "
+                       f"({self.bad_steps} of at most {self.train.max_bad_steps} in a row)")
+            if self.bad_steps >= self.train.max_bad_steps:
+                raise TrainingDiverged(f"{self.out_dir}: {self.bad_steps} steps in a row had a non-finite gradient "
+                                       f"(step {self.step + 1}); the run stopped, its last checkpoint is kept. Lower "
+                                       f"train.lr (now {self.train.lr}) or set train.grad_clip")
+        else:
+            self.bad_steps = 0
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return norm
 
     def update_ema(self) -> None:
         """Call right after the optimizer step of the EMA'd module (before any checkpoint of that step)."""
-        if self.ema is not None:
+        if self.ema is not None and not self.last_step_skipped:
             self.ema.update(self.unwrap(self.modules[self.ema_name]))
 
     def due(self, step: int, every: int) -> bool:
@@ -330,12 +290,19 @@ class TrainingRun:
         return self.unwrap(self.modules[name])
 
     def maybe_checkpoint(self, step: int, export: Callable[[Path], None]) -> None:
-        if self.due(step, self.train.checkpoint_every):
-            self.save_checkpoint(step + 1, export)
+        """Checkpoint when due, but never in a run of skipped steps: the weights that led to a non-finite
+        gradient are not kept over the last good checkpoint."""
+        if not self.due(step, self.train.checkpoint_every):
+            return
+        if self.bad_steps:
+            self.print(f"step {step + 1}: no checkpoint while steps are being skipped for non-finite gradients")
+            return
+        self.save_checkpoint(step + 1, export)
 
     def save_checkpoint(self, step: int, export: Callable[[Path], None]) -> Path:
         """Write checkpoints/step-N atomically: `export(folder)` writes the stage, then training state."""
         self.accelerator.wait_for_everyone()
+        self.check_finite(step)
         path = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{step:07d}"
         if self.is_main:
             with atomic_directory(path) as tmp:
@@ -352,6 +319,17 @@ class TrainingRun:
             self._publish(path)
         self.accelerator.wait_for_everyone()
         return path
+
+    def check_finite(self, step: int) -> None:
+        """TrainingDiverged (and nothing written) if a tracked module or the EMA holds a non-finite weight."""
+        modules = {name: self.unwrap(m) for name, m in self.modules.items()}
+        if self.ema is not None:
+            modules["ema"] = self.ema.shadow
+        for name, module in modules.items():
+            bad = [k for k, v in module.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+            if bad:
+                raise TrainingDiverged(f"{self.out_dir}: at step {step} the {name} weights are not finite "
+                                       f"({short_list(bad)}); nothing was saved over the last good checkpoint")
 
     def _publish(self, checkpoint: Path) -> None:
         """Copy the checkpoint's exported stage to the run folder's top level (weights first, config last)."""

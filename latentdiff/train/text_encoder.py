@@ -21,7 +21,8 @@ from ..errors import DataError
 from ..eval.retrieval import heldout_retrieval, retrieval_ceiling
 from ..models.text_encoder import TextEncoderConfig
 from ..models.text_encoder_openclip import OpenCLIPTextEncoder
-from .loop import TrainConfig, TrainingRun, adamw
+from .loop import TrainConfig, TrainingRun
+from .optim import adamw
 
 
 @dataclass(frozen=True)
