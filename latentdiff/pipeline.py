@@ -16,6 +16,7 @@ too. Sampling itself is LatentDiffusion's (latent_diffusion.py); img2img and inp
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -33,6 +34,7 @@ from .latent_diffusion import GenerationRequest, LatentDiffusion, seeded_generat
 from .models.autoencoder import AutoencoderKL
 from .models.text_encoder import TextEncoder
 from .models.unet import UNet
+from .request_limits import check_memory, finite, integer
 from .samplers import SamplingConfig, check_sampler
 from .stages import StageRef, UNetRecord, stage_hash
 
@@ -142,29 +144,35 @@ class Text2ImagePipeline(LatentDiffusion):
                 guidance_scale: float | None = None, sampler: str | None = None, height: int | None = None,
                 width: int | None = None, num_images_per_prompt: int = 1, seed: int | Sequence[int] | None = None,
                 generator: torch.Generator | Sequence[torch.Generator] | None = None,
-                output_type: str = "pil") -> GenerationRequest:
+                output_type: str = "pil", memory_limit: int | None = None) -> GenerationRequest:
         """Check a request's arguments and fill in the defaults (`self.sampling`, the training size), before
-        any work starts. seed: image k uses seed + k (or seed[k]); generator: one per image instead."""
+        any work starts. seed: image k uses seed + k (or seed[k]); generator: one per image instead. A request
+        whose estimated memory exceeds `memory_limit` bytes (default: the device's memory) is refused."""
         prompts = _as_list(prompt, "prompt")
         negatives = None if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
         if negatives is not None and len(negatives) == 1:
             negatives = negatives * len(prompts)
         if negatives is not None and len(negatives) != len(prompts):
             raise ConfigError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
+        num_images_per_prompt = integer("num_images_per_prompt", num_images_per_prompt)
         if num_images_per_prompt < 1:
             raise ConfigError(f"num_images_per_prompt: must be at least 1, got {num_images_per_prompt}")
         if output_type not in OUTPUT_TYPES:
             raise ConfigError(f"output_type {output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
         defaults = self.sampling
-        steps = defaults.steps if num_inference_steps is None else num_inference_steps
+        steps = integer("num_inference_steps", defaults.steps if num_inference_steps is None else num_inference_steps)
         if steps < 1:
             raise ConfigError(f"num_inference_steps: must be at least 1, got {steps}")
-        scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
+        scale = finite("guidance_scale", defaults.guidance_scale if guidance_scale is None else guidance_scale)
         sampler = sampler or defaults.sampler
         check_sampler(sampler)
+        height, width = (None if v is None else integer(name, v) for name, v in (("height", height), ("width", width)))
         _, _, h, w = self.latent_shape(1, height, width)  # a bad size is refused here
         f = self.autoencoder.downsample_factor
         count = len(prompts) * num_images_per_prompt
+        check_memory(self, count, h * f, w * f, guided=scale != 1, limit=memory_limit)  # arithmetic on the shapes
+        if isinstance(seed, numbers.Real):
+            seed = integer("seed", seed)
         generators, seeds = self.generators(count, seed, generator)
         return GenerationRequest(
             prompts=[p for p in prompts for _ in range(num_images_per_prompt)],

@@ -1,4 +1,6 @@
 """`latentdiff generate`: PNGs with their parameters, --from-png re-renders exactly, bad input exits 2."""
+import time
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -51,6 +53,21 @@ def test_bad_input_is_one_line_and_exit_2(stages, tmp_path, capsys, args, messag
     assert generate(stages, tmp_path, *args) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cfg", "nan"], "guidance_scale: must be a finite number, got nan"),
+    (["--cfg", "inf"], "guidance_scale: must be a finite number, got inf"),
+    (["--size", "100000x100000"], "1 image(s) of 100000x100000 would need about"),
+])
+def test_impossible_requests_exit_2_within_a_second(stages, tmp_path, capsys, args, message):
+    start = time.perf_counter()
+    assert generate(stages, tmp_path / "out", "a red circle", *args) == 2
+    assert time.perf_counter() - start < 1  # refused before any work, the pipeline's loading included
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not (tmp_path / "out").exists()
+    if "size" in args[0]:
+        assert "of memory this machine has" in err  # the limit is named
 
 
 def test_missing_or_mismatched_checkpoints_exit_2(stages, tmp_path, capsys):

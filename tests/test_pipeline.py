@@ -1,5 +1,7 @@
 """Text2ImagePipeline on tiny random stages: loading, stage pairing, seeds, batches, outputs, bad input."""
+import re
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from latentdiff.checkpoint import weights_hash
 from latentdiff.errors import CheckpointError, ConfigError, LatentDiffError
 from latentdiff.models.autoencoder import AutoencoderKL
 from latentdiff.pipeline import Text2ImagePipeline
+from latentdiff.request_limits import device_memory, format_bytes, generation_memory
 
 STEPS = 4
 
@@ -145,6 +148,11 @@ def test_run_folder_whose_stages_moved_is_explained(tmp_path):
     (dict(num_inference_steps=5000), "steps: 5000 must be between 1 and the 1000 training timesteps"),
     (dict(seed=[1, 2]), "got 2 seeds for 1 images"),
     (dict(negative_prompt=["a", "b"]), "got 2 negative prompts for 1 prompts"),
+    (dict(guidance_scale=float("nan")), "guidance_scale: must be a finite number, got nan"),
+    (dict(guidance_scale=float("-inf")), "guidance_scale: must be a finite number, got -inf"),
+    (dict(guidance_scale="3"), "guidance_scale: must be a finite number, got '3'"),
+    (dict(num_inference_steps=2.5), "num_inference_steps: must be a whole number, got 2.5"),
+    (dict(seed=float("nan")), "seed: must be a finite number, got nan"),
 ])
 def test_bad_inputs_raise_clear_errors(pipe, kwargs, message):
     with pytest.raises(ConfigError, match=message) as err:
@@ -155,3 +163,22 @@ def test_bad_inputs_raise_clear_errors(pipe, kwargs, message):
 def test_empty_prompt_list_is_refused(pipe):
     with pytest.raises(ConfigError, match="prompt: expected a string or a non-empty list"):
         pipe([])
+
+
+def test_requests_too_large_for_memory_are_refused_at_once(pipe):
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"^1 image\(s\) of 100000x100000 would need about [\d.]+ [KMGTPE]iB of "
+                                          r"memory \(.*\), more than the [\d.]+ [KMGT]iB of memory this machine has"):
+        pipe.request("a red circle", height=100_000, width=100_000)
+    with pytest.raises(ConfigError, match=r"^10000000 image\(s\) of 16x16"):
+        pipe.request("a red circle", num_images_per_prompt=10_000_000)
+    assert time.perf_counter() - start < 0.1  # arithmetic on the shapes, nothing allocated
+
+    needed, _ = generation_memory(pipe, 2, 16, 16, guided=True)
+    assert generation_memory(pipe, 4, 16, 16, guided=True)[0] > needed >= generation_memory(pipe, 2, 16, 16, False)[0]
+    assert generation_memory(pipe, 2, 32, 32, guided=True)[0] > needed
+    pipe.request("a red circle", num_images_per_prompt=2, memory_limit=needed)  # fits exactly
+    with pytest.raises(ConfigError, match=f"more than the memory limit of {re.escape(format_bytes(needed - 1))}"):
+        pipe.request("a red circle", num_images_per_prompt=2, memory_limit=needed - 1)
+    total, what = device_memory(torch.device("cpu"))
+    assert total > 2 ** 20 and what.endswith("of memory this machine has")
