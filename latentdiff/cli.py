@@ -44,6 +44,10 @@ def training_config(config_class: type, args: argparse.Namespace):
     overrides = dict(parse_override(o) for o in args.overrides)
     flags = {"data.source": args.data, "train.steps": args.steps, "train.batch_size": args.batch_size}
     overrides.update({k: v for k, v in flags.items() if v is not None})
+    if config_file is None and overrides.get("data.source", "shapes") != "shapes":
+        stage = Path(DEFAULT_OUT[args.command]).name  # autoencoder, text_encoder, diffusion
+        print(f"no --config: using the shapes preset (the {config_class.__name__} defaults) on your data; "
+              f"for 64-px images of your own try --config configs/{stage}/folder64.yaml")
     return apply_overrides(load_config(config_class, config_file), overrides)
 
 
@@ -106,9 +110,17 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
               lambda p: _bench().add_bench_arguments(p), lambda a: _bench().run_bench(a)),
     "pack": ("write a folder of captioned images as WebDataset tar shards (KEY.jpg|png|... + KEY.txt) for --data",
              lambda p: _pack().add_pack_arguments(p), lambda a: _pack().run_pack(a)),
+    "plot": ("draw a training run's loss and metric curves (its metrics.csv) to a PNG",
+             lambda p: _plot().add_plot_arguments(p), lambda a: _plot().run_plot(a)),
     "serve": ("a local web page to generate, compare and keep images (needs the ui extra: gradio)",
               lambda p: _serve().add_serve_arguments(p), lambda a: _serve().run_serve(a)),
 }
+
+
+def _plot():
+    from . import plot  # Pillow: only when the command runs
+
+    return plot
 
 
 def _serve():
@@ -135,21 +147,23 @@ def _convert():
     return command
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    """The `latentdiff` parser and each sub-command's own parser."""
+def build_parser(only: str | None = None) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The `latentdiff` parser and each sub-command's own parser; with `only`, just that sub-command gets its
+    arguments (defining them imports the command's module, and `latentdiff --help` should not wait for torch)."""
     parser = argparse.ArgumentParser(prog="latentdiff", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands = {}
     for name, (help_text, add_arguments, _) in COMMANDS.items():
         commands[name] = sub.add_parser(name, help=help_text, description=help_text)
-        add_arguments(commands[name])
+        if only is None or name == only:
+            add_arguments(commands[name])
     return parser, commands
 
 
 def parse_command_line(argv: list[str]) -> argparse.Namespace:
     """A sub-command's arguments are parsed intermixed, so positionals (prompts, key=value overrides)
     may come before or after flags: `train-diffusion --steps 500 train.lr=1e-4` works."""
-    parser, commands = build_parser()
+    parser, commands = build_parser(only=argv[0] if argv else "")
     if not argv or argv[0] not in commands:
         return parser.parse_args(argv)  # --help, or the usage error for a missing / unknown command
     args = commands[argv[0]].parse_intermixed_args(argv[1:])

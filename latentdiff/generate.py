@@ -13,7 +13,6 @@ from tqdm.auto import tqdm
 
 from .errors import CheckpointError, ConfigError
 from .grid import prompt_grid
-from .pipeline import Text2ImagePipeline
 from .png_info import GenerationParams, read_png_params, save_png
 
 DEFAULT_PIPELINE = "weights/diffusion"
@@ -60,6 +59,8 @@ def load_pipeline(folder: str, device: str):
     path = Path(folder)
     if not path.exists():
         raise CheckpointError(f"pipeline not found: {path} (train one with `latentdiff quickstart`, or pass --pipeline)")
+    from .pipeline import Text2ImagePipeline  # torch and the models: not for `--help`
+
     return Text2ImagePipeline.from_pretrained(path).to(device)
 
 

@@ -1,7 +1,6 @@
 """Text2ImagePipeline on tiny random stages: loading, stage pairing, seeds, batches, outputs, bad input."""
 import re
 import shutil
-import time
 
 import numpy as np
 import pytest
@@ -165,14 +164,12 @@ def test_empty_prompt_list_is_refused(pipe):
         pipe([])
 
 
-def test_requests_too_large_for_memory_are_refused_at_once(pipe):
-    start = time.perf_counter()
+def test_requests_too_large_for_memory_are_refused_before_any_work(pipe):
     with pytest.raises(ConfigError, match=r"^1 image\(s\) of 100000x100000 would need about [\d.]+ [KMGTPE]iB of "
                                           r"memory \(.*\), more than the [\d.]+ [KMGT]iB of memory this machine has"):
         pipe.request("a red circle", height=100_000, width=100_000)
     with pytest.raises(ConfigError, match=r"^10000000 image\(s\) of 16x16"):
         pipe.request("a red circle", num_images_per_prompt=10_000_000)
-    assert time.perf_counter() - start < 0.1  # arithmetic on the shapes, nothing allocated
 
     needed, _ = generation_memory(pipe, 2, 16, 16, guided=True)
     assert generation_memory(pipe, 4, 16, 16, guided=True)[0] > needed >= generation_memory(pipe, 2, 16, 16, False)[0]

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..diffusion.prediction import PREDICTIONS
-
 HALF = {"fp16": "float16", "bf16": "bfloat16"}
 
 
@@ -22,7 +20,7 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
                                                          "architecture (default: detected from the weights)")
     single.add_argument("--variant", choices=("sd1", "sd2", "sd2-base"),
                         help="the SD release, where detection cannot tell (sd2 = 768-v, sd2-base = 512 ε)")
-    single.add_argument("--prediction", choices=tuple(PREDICTIONS), help="override the prediction type")
+    single.add_argument("--prediction", help="override the prediction type (eps, v or x0)")
     single.add_argument("--tokenizer", metavar="DIR", help="a local CLIPTokenizer folder for SD 1.x (default: "
                                                             "CLIP's BPE vocabulary as bundled with open_clip)")
 
@@ -30,7 +28,11 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
 def run_convert(args: argparse.Namespace) -> None:
     import torch
 
+    from ..diffusion.prediction import get_prediction
     from . import convert
+
+    if args.prediction is not None:
+        get_prediction(args.prediction, "--prediction")  # ConfigError naming the known types
 
     dtype = getattr(torch, HALF[args.dtype]) if args.dtype else None
     pipe = convert(args.src, args.dst, to=args.to, dtype=dtype, allow_pickle=args.allow_pickle, config=args.config,

@@ -5,11 +5,15 @@ DataLoader collate batches into {"image": (B, 3, H, W), "caption": list[str]}.
 """
 from __future__ import annotations
 
-from .imagefolder import ImageFolderDataset
-from .images import load_image, pil_to_tensor, tensor_to_pil
-from .shapes import ShapesDataset
-from .shards import ShardDataset
-from .sources import DataConfig, build_dataset, in_order, iter_in_order
+from ..lazy import lazy_attributes
 
-__all__ = ["DataConfig", "ShapesDataset", "ImageFolderDataset", "ShardDataset", "build_dataset", "in_order",
-           "iter_in_order", "load_image", "pil_to_tensor", "tensor_to_pil"]
+# Loaded on first use (PEP 562): `latentdiff pack --help` and other light users need not wait for torch.
+_LAZY = {
+    "ImageFolderDataset": "imagefolder", "load_image": "images", "pil_to_tensor": "images",
+    "tensor_to_pil": "images", "ShapesDataset": "shapes", "ShardDataset": "shards", "DataConfig": "sources",
+    "build_dataset": "sources", "in_order": "sources", "iter_in_order": "sources",
+}
+__all__ = list(_LAZY)
+
+
+__getattr__ = lazy_attributes(__name__, globals(), _LAZY)

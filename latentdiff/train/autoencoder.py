@@ -1,4 +1,5 @@
-"""Stage 1: train the KL autoencoder, then measure its latent scale and held-out PSNR.
+"""Stage 1: train the KL autoencoder, then measure its latent scale and held-out PSNR (also logged, on fewer
+batches, every `train.sample_every` steps as `heldout_psnr`).
 
     latentdiff train-autoencoder [--config FILE] [--data shapes|FOLDER] [--out DIR] [--steps N] [key=value ...]
 """
@@ -38,14 +39,18 @@ class AutoencoderTrainingConfig:
         mixed_precision="auto", log_every=50))
     scale_batches: int = 50           # batches of training data used to measure the latent std
     eval_batches: int = 20            # batches of held-out data used to measure PSNR
+    heldout_batches: int = 2          # held-out batches for the PSNR logged every train.sample_every steps
 
 
-METRICS = ["loss", "recon", "kl", "g_loss", "gan_weight", "d_loss", "grad_norm", "lr"]
+METRICS = ["loss", "recon", "kl", "g_loss", "gan_weight", "d_loss", "grad_norm", "lr", "heldout_psnr"]
 
 
 def ordered_batches(dataset, batch_size: int, count: int):
     """The first `count` batches of `dataset` in index order (deterministic evaluation data)."""
-    loader = DataLoader(in_order(dataset), batch_size=batch_size, shuffle=False, drop_last=False)
+    # a private generator: the DataLoader would draw its seed from the global RNG, which every process
+    # must advance alike (the main process evaluates alone)
+    loader = DataLoader(in_order(dataset), batch_size=batch_size, shuffle=False, drop_last=False,
+                        generator=torch.Generator())
     for i, batch in enumerate(loader):
         if i >= count:
             break
@@ -84,6 +89,17 @@ def save_reconstruction_grid(model: AutoencoderKL, images: torch.Tensor, path: P
     save_image(grid, path)
 
 
+def preview_and_psnr(model: AutoencoderKL, preview: torch.Tensor, heldout_set, cfg: AutoencoderTrainingConfig,
+                     path: Path, batch: int) -> float:
+    """Save the reconstruction grid and return the held-out PSNR over `cfg.heldout_batches` batches, in eval mode."""
+    was_training = model.training
+    model.eval()
+    save_reconstruction_grid(model, preview, path)
+    score = heldout_psnr(model, heldout_set, batch, cfg.heldout_batches, preview.device)
+    model.train(was_training)
+    return score
+
+
 def train_autoencoder(cfg: AutoencoderTrainingConfig, out_dir: str | Path, resume: bool = False) -> dict:
     """Train, checkpoint, and export an AutoencoderKL to `out_dir`; returns the final measurements."""
     run = TrainingRun(out_dir, cfg, cfg.train, resume=resume, metrics=METRICS)
@@ -102,6 +118,7 @@ def train_autoencoder(cfg: AutoencoderTrainingConfig, out_dir: str | Path, resum
     run.use_ema("model")
     preview = torch.stack([s["image"] for s in iter_in_order(heldout_set, 8)]).to(run.device)
     last_layer = run.unwrap(model).decoder.conv_out.weight
+    eval_batch = cfg.train.batch_size * run.accelerator.num_processes  # the same data however many processes
     results: dict = {}
 
     def export(folder: Path) -> None:
@@ -131,12 +148,12 @@ def train_autoencoder(cfg: AutoencoderTrainingConfig, out_dir: str | Path, resum
                 run.backward(d_loss)
             logs["d_loss"] = d_loss.item()
             run.clip_and_step(opt_d, discriminator)
-        run.log(step, logs)
         if run.is_main and run.due(step, cfg.train.sample_every):
-            save_reconstruction_grid(run.exported_module("model"), preview, run.samples_dir / f"recon-{step + 1:07d}.png")
+            logs["heldout_psnr"] = preview_and_psnr(run.exported_module("model"), preview, heldout_set, cfg,
+                                                    run.samples_dir / f"recon-{step + 1:07d}.png", eval_batch)
+        run.log(step, logs)
         if step + 1 == cfg.train.steps and run.is_main:  # the main process alone measures and exports
-            results.update(measure(run.exported_module("model"), cfg, train_set, heldout_set, run.device,
-                                   cfg.train.batch_size * run.accelerator.num_processes))
+            results.update(measure(run.exported_module("model"), cfg, train_set, heldout_set, run.device, eval_batch))
         run.maybe_checkpoint(step, export)
     if results:
         results["train_minutes"] = round((time.time() - start) / 60, 2)

@@ -5,7 +5,8 @@
 Images and captions are encoded once into a latent + text cache (latent_cache.py); each step draws
 z = (mean + std·ε)·scale_factor from the cached posterior, replaces a `objective.cond_dropout` share of the
 captions by the empty prompt (so that classifier-free guidance works), and takes a DiffusionLoss step.
-Every `train.sample_every` steps the pipeline draws a preview grid of `preview_prompts` (one row each).
+Every `train.sample_every` steps the pipeline draws a preview grid of `preview_prompts` (one row each, the
+prompt beside it) and logs its CLIP score by the frozen text encoder's image tower, when it has one.
 The exported UNet records the stages it was trained with and its sampling defaults (stages.py).
 """
 from __future__ import annotations
@@ -15,15 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torchvision.utils import make_grid, save_image
 
 from ..batch_random import BatchGenerator, draw
 from ..config import check_choice
 from ..data import DataConfig, build_dataset
+from ..data.images import tensor_to_pil
 from ..diffusion import DiffusionLoss, NoiseSchedule, drop_conditioning
 from ..diffusion.losses import ObjectiveConfig
 from ..diffusion.schedules import ScheduleConfig
 from ..errors import ConfigError
+from ..eval.clip_score import clip_score
+from ..grid import prompt_grid
 from ..latent_diffusion import GenerationRequest, LatentDiffusion, seeded_generators
 from ..models.autoencoder import AutoencoderKL
 from ..models.text_encoder import OUTPUT_LAYERS, TextEncoder
@@ -68,7 +71,7 @@ class DiffusionTrainingConfig:
             raise ConfigError(f"preview_images: must be at least 0, got {self.preview_images}")
 
 
-METRICS = ["loss", "grad_norm", "lr"]
+METRICS = ["loss", "grad_norm", "lr", "clip_score"]
 
 
 def load_frozen_stages(cfg: DiffusionTrainingConfig) -> tuple[AutoencoderKL, TextEncoder]:
@@ -112,9 +115,9 @@ def sample_latents(batch: dict, scale_factor: float, generator: BatchGenerator) 
     return (mean + std * noise) * scale_factor
 
 
-def save_preview(model: LatentDiffusion, cfg: DiffusionTrainingConfig, path: Path) -> None:
-    """One row per preview prompt, `preview_images` seeds per row (seeds 0, 1, ..., the same every time), drawn
-    with the run's default sampling settings."""
+def save_preview(model: LatentDiffusion, cfg: DiffusionTrainingConfig, path: Path) -> tuple[torch.Tensor, list[str]]:
+    """One row per preview prompt, written beside it, `preview_images` seeds per row (seeds 0, 1, ..., the same
+    every time), drawn with the run's default sampling settings; returns the (B, 3, H, W) images and prompts."""
     n, sampling = cfg.preview_images, cfg.sampling
     prompts = [p for p in cfg.preview_prompts for _ in range(n)]
     seeds = list(range(len(prompts)))
@@ -124,7 +127,8 @@ def save_preview(model: LatentDiffusion, cfg: DiffusionTrainingConfig, path: Pat
     model.unet.eval()
     images = model.decode_latents(model.text_to_latents(request))  # (B, 3, H, W) about [-1, 1]
     model.unet.train(was_training)
-    save_image(make_grid((images.float().clamp(-1, 1) + 1) / 2, nrow=n, padding=1, pad_value=0.5), path)
+    prompt_grid([tensor_to_pil(image) for image in images], prompts, columns=n, scale=2).save(path)
+    return images, prompts
 
 
 def train_diffusion(cfg: DiffusionTrainingConfig, out_dir: str | Path, resume: bool = False) -> dict:
@@ -176,10 +180,12 @@ def train_diffusion(cfg: DiffusionTrainingConfig, out_dir: str | Path, resume: b
         logs = {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
                 "grad_norm": run.clip_and_step(optimizer, unet)}
         run.update_ema()
-        run.log(step, logs)
         if run.is_main and cfg.preview_images and cfg.preview_prompts and run.due(step, cfg.train.sample_every):
             model = LatentDiffusion(autoencoder, text_encoder, run.exported_module("unet"), record)
-            save_preview(model, cfg, run.samples_dir / f"preview-{step + 1:07d}.png")
+            images, prompts = save_preview(model, cfg, run.samples_dir / f"preview-{step + 1:07d}.png")
+            if text_encoder.has_image_tower:  # on the images just drawn: a cheap measure of prompt following
+                logs["clip_score"] = clip_score(text_encoder, images, prompts).mean().item()
+        run.log(step, logs)
         if step + 1 == cfg.train.steps:
             results.update(final_loss=round(logs["loss"], 5), train_minutes=round((time.time() - start) / 60, 2))
         run.maybe_checkpoint(step, export)

@@ -37,9 +37,11 @@ def process_state() -> PartialState:
     return PartialState(cpu=cpu_only and launched_processes() > 1)
 
 
-def make_accelerator(mixed_precision: str) -> Accelerator:
+def make_accelerator(mixed_precision: str, log_with: str | None = None, project_dir: str | None = None) -> Accelerator:
+    """`log_with` names accelerate trackers (e.g. "tensorboard"), which write under `project_dir`."""
     state = process_state()
-    return Accelerator(mixed_precision=mixed_precision, cpu=state.device.type == "cpu" and state.num_processes > 1)
+    return Accelerator(mixed_precision=mixed_precision, cpu=state.device.type == "cpu" and state.num_processes > 1,
+                       log_with=log_with, project_dir=project_dir)
 
 
 def check_same_config(accelerator: Accelerator, config) -> None:

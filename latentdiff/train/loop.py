@@ -3,7 +3,8 @@
 A run folder holds
     config.json, model.safetensors   the exported stage (EMA weights when EMA is on), loadable with from_pretrained
     train_config.yaml                the full training config of the run
-    metrics.csv                      one row every `log_every` steps
+    metrics.csv                      one row every `log_every` steps and every `sample_every` step (held-out metrics)
+    tensorboard/                     the same values as TensorBoard event files (with the `tb` extra installed)
     samples/                         preview PNGs
     checkpoints/step-NNNNNNN/        the exported stage + training state (modules, optimizers, RNG, step)
 
@@ -22,6 +23,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import is_tensorboard_available
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
@@ -44,6 +46,7 @@ from .ema import EMA
 from .metrics import MetricsLog
 from .optim import LR_SCHEDULES, MIXED_PRECISIONS, lr_scale, resolve_mixed_precision
 
+_told_no_tensorboard = False  # the note that TensorBoard is not installed is printed once per process
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,9 @@ class TrainingRun:
         self.precision = resolve_mixed_precision(train.mixed_precision, device)
         # bf16 needs no loss scaling, so it is a plain torch.autocast (see autocast()) rather than accelerate's
         # setting, which is fixed once per process: the quickstart trains stages of different precisions in one.
-        self.accelerator = accelerator or make_accelerator("fp16" if self.precision == "fp16" else "no")
+        self.accelerator = accelerator or make_accelerator(
+            "fp16" if self.precision == "fp16" else "no", log_with="tensorboard" if is_tensorboard_available() else None,
+            project_dir=str(self.out_dir))
         check_same_config(self.accelerator, config)
         if self.accelerator.num_processes > 1:
             self.print(f"{self.accelerator.num_processes} processes ({self.accelerator.distributed_type.value}, "
@@ -137,11 +142,29 @@ class TrainingRun:
             save_yaml(config, self.out_dir / "train_config.yaml")
         resume_step = self._read_step(self.resume_from) if self.resume_from else 0
         self.metrics = MetricsLog(self.out_dir / "metrics.csv", list(metrics), resume_step) if self.is_main else None
+        self._start_trackers(resume_step)
         if train.mixed_precision == "auto":
             self.print(f"train.mixed_precision auto: {self.precision} on {self.device}")
         torch.manual_seed(train.seed)
 
     # -- setup ----------------------------------------------------------------------------------
+
+    def _start_trackers(self, resume_step: int) -> None:
+        """TensorBoard event files in RUN/tensorboard/ beside metrics.csv; a resumed run first drops the events
+        after its checkpoint (purge_step), as metrics.csv drops those rows."""
+        global _told_no_tensorboard
+        if self.accelerator.log_with:
+            purge = {"tensorboard": {"purge_step": resume_step + 1}} if resume_step else None
+            self.accelerator.init_trackers("tensorboard", init_kwargs=purge)
+        elif not _told_no_tensorboard:
+            _told_no_tensorboard = True
+            self.print("TensorBoard is not installed (pip install 'latentdiff[tb]'): metrics go to metrics.csv only")
+
+    def _end_trackers(self) -> None:
+        """Close the event files (not accelerator.end_training(), which would also end the process group)."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+        self.accelerator.trackers.clear()
 
     @property
     def is_main(self) -> bool:
@@ -233,6 +256,7 @@ class TrainingRun:
             self.step = step + 1
             bar.update(1)
         bar.close()
+        self._end_trackers()
 
     def _to_device(self, batch: Any) -> Any:
         if isinstance(batch, dict):
@@ -278,8 +302,12 @@ class TrainingRun:
         return done % every == 0 or done == self.train.steps
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        if self.is_main and self.due(step, self.train.log_every):
-            self.metrics.write(step + 1, values)
+        """A metrics row (and TensorBoard scalars) every `log_every` steps, and at every `sample_every` step,
+        where the stages add their held-out metrics."""
+        if self.is_main and (self.due(step, self.train.log_every) or self.due(step, self.train.sample_every)):
+            written = self.metrics.write(step + 1, values)
+            if self.accelerator.trackers:
+                self.accelerator.log(written, step=step + 1)
 
     # -- checkpoints ----------------------------------------------------------------------------
 

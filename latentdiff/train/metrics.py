@@ -1,4 +1,4 @@
-"""metrics.csv: one row every `log_every` steps, written by the main process only."""
+"""metrics.csv: one row every `log_every` steps and every `sample_every` step, written by the main process only."""
 from __future__ import annotations
 
 import csv
@@ -19,7 +19,10 @@ class MetricsLog:
             writer.writeheader()
             writer.writerows(rows)
 
-    def write(self, step: int, values: dict[str, float]) -> None:
+    def write(self, step: int, values: dict[str, float]) -> dict[str, float]:
+        """Append a row of `values` (those that have a column); returns them (the same to TensorBoard)."""
+        kept = {k: float(v) for k, v in values.items() if k in self.columns and k != "step"}
         with open(self.path, "a", newline="") as f:
-            row = {"step": step, **{k: f"{v:.6g}" for k, v in values.items()}}
-            csv.DictWriter(f, self.columns, extrasaction="ignore").writerow(row)
+            row = {"step": step, **{k: f"{v:.6g}" for k, v in kept.items()}}
+            csv.DictWriter(f, self.columns).writerow(row)
+        return kept
