@@ -6,6 +6,7 @@ exit status 2, not a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 from typing import Callable
@@ -79,16 +80,16 @@ def run_train_diffusion(args: argparse.Namespace) -> None:
     train_diffusion(cfg, args.out, resume=args.resume)
 
 
-def _quickstart():
-    from . import quickstart  # imports every stage's trainer: only when the command runs
-
-    return quickstart
 
 
-def _evaluate():
-    from .eval import evaluate  # torchmetrics: only when the command runs
 
-    return evaluate
+
+def deferred(module: str, add_arguments: str, run: str) -> tuple[Callable, Callable]:
+    """A command whose module (and what it imports: torch, diffusers, gradio, ...) loads only when its
+    arguments are defined or it runs, so that `latentdiff --help` and the other commands start at once."""
+    def load():
+        return importlib.import_module(module, __package__)
+    return lambda parser: getattr(load(), add_arguments)(parser), lambda args: getattr(load(), run)(args)
 
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {
@@ -101,50 +102,20 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "generate": ("generate images from prompts (PNGs carry their parameters)",
                  add_generate_arguments, run_generate),
     "eval": ("score a pipeline: shapes judge per category (train and held-out compositions), FID, CLIP score",
-             lambda p: _evaluate().add_eval_arguments(p), lambda a: _evaluate().run_eval(a)),
+             *deferred(".eval.evaluate", "add_eval_arguments", "run_eval")),
     "quickstart": ("train all three stages on the built-in shapes data, then draw a grid of samples",
-                   lambda p: _quickstart().add_quickstart_arguments(p), lambda a: _quickstart().run_quickstart(a)),
+                   *deferred(".quickstart", "add_quickstart_arguments", "run_quickstart")),
     "convert": ("convert a pipeline between the latentdiff, diffusers and original SD single-file formats",
-                lambda p: _convert().add_convert_arguments(p), lambda a: _convert().run_convert(a)),
+                *deferred(".convert.command", "add_convert_arguments", "run_convert")),
     "bench": ("time our UNet against diffusers' with the same weights, side by side in one process",
-              lambda p: _bench().add_bench_arguments(p), lambda a: _bench().run_bench(a)),
+              *deferred(".eval.bench", "add_bench_arguments", "run_bench")),
     "pack": ("write a folder of captioned images as WebDataset tar shards (KEY.jpg|png|... + KEY.txt) for --data",
-             lambda p: _pack().add_pack_arguments(p), lambda a: _pack().run_pack(a)),
+             *deferred(".data.pack", "add_pack_arguments", "run_pack")),
     "plot": ("draw a training run's loss and metric curves (its metrics.csv) to a PNG",
-             lambda p: _plot().add_plot_arguments(p), lambda a: _plot().run_plot(a)),
+             *deferred(".plot", "add_plot_arguments", "run_plot")),
     "serve": ("a local web page to generate, compare and keep images (needs the ui extra: gradio)",
-              lambda p: _serve().add_serve_arguments(p), lambda a: _serve().run_serve(a)),
+              *deferred(".serve", "add_serve_arguments", "run_serve")),
 }
-
-
-def _plot():
-    from . import plot  # Pillow: only when the command runs
-
-    return plot
-
-
-def _serve():
-    from . import serve  # declares the command only; gradio is imported when it runs
-
-    return serve
-
-
-def _pack():
-    from .data import pack  # webdataset: only when the command runs
-
-    return pack
-
-
-def _bench():
-    from .eval import bench  # diffusers (when installed): only when the command runs
-
-    return bench
-
-
-def _convert():
-    from .convert import command  # transformers and the format code: only when the command runs
-
-    return command
 
 
 def build_parser(only: str | None = None) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
