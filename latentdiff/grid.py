@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw, ImageFont
 PAD = 4  # pixels between tiles and around the grid
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+def label_font(size: int) -> ImageFont.ImageFont:
     try:
         return ImageFont.load_default(size=size)  # Pillow >= 10.1: scalable, bundled (no font files needed)
     except TypeError:
@@ -24,7 +24,7 @@ def prompt_grid(images: Sequence[Image.Image], prompts: Sequence[str], columns: 
     tile_w, tile_h = images[0].width * scale, images[0].height * scale
     rows = math.ceil(len(images) / columns)
     labels = [prompts[row * columns] for row in range(rows)]
-    font = _font(max(10, min(16, tile_h // 3)))
+    font = label_font(max(10, min(16, tile_h // 3)))
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     label_w = int(max(measure.textlength(label, font=font) for label in labels)) + 2 * PAD
     grid = Image.new("RGB", (label_w + columns * (tile_w + PAD) + PAD, rows * (tile_h + PAD) + PAD), "white")

@@ -76,9 +76,9 @@ def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
 
 def draw_panel(draw, origin: tuple[int, int], name: str, points: list[tuple[int, float]]) -> None:
     """One curve with its name above and the first/last step and the value range on the axes."""
-    from .grid import _font
+    from .grid import label_font
 
-    font = _font(11)
+    font = label_font(11)
     log = "loss" in name and all(v > 0 for _, v in points)
     steps = [s for s, _ in points]
     values = [math.log10(v) if log else v for _, v in points]

@@ -66,7 +66,7 @@ class TrainConfig:
     ema_decay: float = 0.0            # EMA of the weights (0 = off); the EMA weights are what is saved
     seed: int = 0                     # seeds model init and data order
     log_every: int = 25               # steps between metrics rows
-    sample_every: int = 500           # steps between preview images
+    sample_every: int = 500           # steps between previews and held-out metrics
     checkpoint_every: int = 500       # steps between checkpoints (a final one is always written)
     keep_checkpoints: int = 2         # checkpoints kept on disk (the newest ones)
     max_bad_steps: int = 10           # consecutive steps with a non-finite gradient skipped before the run stops
