@@ -19,6 +19,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import open_clip  # noqa: E402
 from open_clip.tokenizer import default_bpe  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
+from tiny_stages import register_open_clip  # noqa: E402
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 from latentdiff.checkpoint import save_model_files  # noqa: E402
@@ -77,18 +78,8 @@ def open_clip_file(tmp_path_factory):
     """A tiny OpenCLIP model saved as a weights file (safetensors; pickles: test_weights_pickle.py), its
     architecture registered under a name."""
     folder = tmp_path_factory.mktemp("open_clip")
-    (folder / f"{TINY_OPEN_CLIP}.json").write_text(json.dumps({
-        "embed_dim": 24,
-        "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 3},
-    }))
-    open_clip.add_model_config(folder / f"{TINY_OPEN_CLIP}.json")
-    (folder / f"{TINY_OPEN_CLIP}-wide.json").write_text(json.dumps({  # another architecture, for the mismatch test
-        "embed_dim": 24,
-        "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3},
-    }))
-    open_clip.add_model_config(folder / f"{TINY_OPEN_CLIP}-wide.json")
+    register_open_clip(folder, TINY_OPEN_CLIP)
+    register_open_clip(folder, f"{TINY_OPEN_CLIP}-wide", text_width=64)  # another architecture, for the mismatch test
     torch.manual_seed(1)
     model = open_clip.create_model(TINY_OPEN_CLIP)
     torch.nn.init.normal_(model.text_projection, std=0.2)  # non-trivial everywhere

@@ -8,7 +8,6 @@ and LPIPS.from_folder, which opts in itself (LPIPS exists only as .pth). Nothing
 """
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import shutil
@@ -22,6 +21,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import open_clip  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from tiny_sd import save_diffusers_pipeline  # noqa: E402
+from tiny_stages import register_open_clip  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from latentdiff.checkpoint import read_model_weights, read_weights  # noqa: E402
@@ -65,12 +65,7 @@ def pickle_weights(safetensors_path, pickled_path) -> None:
 def tiny_open_clip(tmp_path_factory):
     """A tiny OpenCLIP model registered under TINY_OPEN_CLIP, saved as safetensors."""
     folder = tmp_path_factory.mktemp("open_clip")
-    (folder / f"{TINY_OPEN_CLIP}.json").write_text(json.dumps({
-        "embed_dim": 24,
-        "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-    }))
-    open_clip.add_model_config(folder / f"{TINY_OPEN_CLIP}.json")
+    register_open_clip(folder, TINY_OPEN_CLIP, text_layers=2)
     torch.manual_seed(0)
     path = folder / "open_clip_model.safetensors"
     save_file(open_clip.create_model(TINY_OPEN_CLIP).state_dict(), str(path))

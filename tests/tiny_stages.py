@@ -69,3 +69,20 @@ def save_stages(root: Path) -> dict[str, Path]:
 
 def unet_config(**changes) -> UNetConfig:
     return dataclasses.replace(apply_overrides(DiffusionTrainingConfig(), TINY_UNET).model, **changes)
+
+
+def register_open_clip(folder: Path, name: str, text_width: int = 32, text_layers: int = 3) -> None:
+    """Register a tiny OpenCLIP architecture under `name` (its JSON written into `folder`), as a user
+    registers a custom model."""
+    import json
+
+    import open_clip
+
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps({
+        "embed_dim": 24,
+        "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": text_width, "heads": 2,
+                     "layers": text_layers},
+    }))
+    open_clip.add_model_config(path)
