@@ -67,7 +67,7 @@ def test_pack_then_read_back_gives_the_folder_samples(packed, tmp_path, capsys):
     folder_samples = {s["caption"]: s["image"] for split in ("train", "heldout")
                       for s in iter_in_order(ImageFolderDataset(folder, 16, split=split))}
     shard_samples = {s["caption"]: s["image"] for split in ("train", "heldout")
-                     for s in ShardDataset(str(out), 16, split=split).take(100)}
+                     for s in iter_in_order(ShardDataset(str(out), 16, split=split), 100)}
     assert sorted(shard_samples) == sorted(folder_samples) == sorted(f"image {i}" for i in range(40))
     for caption, image in shard_samples.items():  # the same bytes, decoded and cropped the same way
         assert image.shape == (3, 16, 16) and torch.equal(image, folder_samples[caption]), caption
@@ -157,8 +157,9 @@ def test_heldout_split_is_disjoint_stable_and_by_key(packed, tmp_path):
     keys = train_keys("k", 3)
     write_shard(tmp_path / "tiny.tar", [{"__key__": key, "png": noise_png(0), "txt": key} for key in keys])
     lowest = min(keys, key=heldout_score)
-    assert [s["caption"] for s in ShardDataset(str(tmp_path / "tiny.tar"), 16, split="heldout").take(5)] == [lowest]
-    assert len(ShardDataset(str(tmp_path / "tiny.tar"), 16).take(5)) == 3
+    heldout = ShardDataset(str(tmp_path / "tiny.tar"), 16, split="heldout")
+    assert [s["caption"] for s in iter_in_order(heldout, 5)] == [lowest]
+    assert len(list(iter_in_order(ShardDataset(str(tmp_path / "tiny.tar"), 16), 5))) == 3
 
 
 def test_two_processes_with_two_workers_see_every_key_once_per_epoch(packed):
@@ -196,7 +197,7 @@ def test_in_order_views_are_finite_and_deterministic(packed):
     dataset.configure(rank=1, world_size=2, seed=5, start_batch=3, batch_size=2)  # what the loop did
     first = [b["caption"] for b in DataLoader(in_order(dataset), batch_size=2)]
     assert first == [b["caption"] for b in DataLoader(in_order(dataset), batch_size=2)]
-    assert sum(map(len, first)) == len(captions_of(dataset)) == len(dataset.take(100))
+    assert sum(map(len, first)) == len(captions_of(dataset)) == len(list(iter_in_order(dataset, 100)))
     train = build_dataset(DataConfig(source=str(out), size=16))
     shares = [[s["caption"] for s in train.one_pass(rank, 2)] for rank in range(2)]  # e.g. a cache built by 2
     assert sorted(shares[0] + shares[1]) == sorted(captions_of(train)) and shares[0] and shares[1]

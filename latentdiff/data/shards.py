@@ -164,10 +164,6 @@ class ShardDataset(IterableDataset):
         view._shuffled = False
         return view
 
-    def take(self, n: int) -> list[dict]:
-        """The first n samples of `one_pass()` (fewer if the split is smaller)."""
-        return list(itertools.islice(iter(self.one_pass()), n))
-
     def _in_split(self, key: str) -> bool:
         if self._only_key is not None:
             return key == self._only_key

@@ -212,10 +212,6 @@ class TrainingRun:
         None draws from torch's default generator, which every process seeds and advances alike."""
         return BatchGenerator(generator, self.accelerator.process_index, self.accelerator.num_processes)
 
-    def mean_across(self, value: torch.Tensor) -> float:
-        """The mean of a scalar over all processes (a collective: every process must call it)."""
-        return self.accelerator.reduce(value.detach().float().reshape(1), "mean").item()
-
     def set_lr(self, optimizer: torch.optim.Optimizer, peak_lr: float, step: int) -> None:
         for group in optimizer.param_groups:
             group["lr"] = peak_lr * lr_scale(self.train, step)
