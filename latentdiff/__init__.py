@@ -10,9 +10,9 @@ from .lazy import lazy_attributes
 __version__ = "0.1.0"
 
 _LAZY = {
-    "AutoencoderConfig": "models.autoencoder", "AutoencoderKL": "models.autoencoder",
+    "AutoencoderConfig": "models.autoencoder_config", "AutoencoderKL": "models.autoencoder",
     "TextEncoder": "models.text_encoder", "TextEncoderConfig": "models.text_encoder",
-    "UNet": "models.unet", "UNetConfig": "models.unet",
+    "UNet": "models.unet", "UNetConfig": "models.unet_config",
     "Text2ImageOutput": "pipeline", "Text2ImagePipeline": "pipeline",
     "SAMPLERS": "samplers",
 }

@@ -9,24 +9,27 @@ Every weights file latentdiff opens goes through `read_weights`: safetensors alw
 file (.ckpt / .bin / .pt / .pth), which can run code when unpickled, only when the caller passes
 `allow_pickle=True`, and even then with `torch.load(weights_only=True)`, which rebuilds tensors and plain
 containers and refuses any other object.
+
+torch loads only with the functions that handle tensors: a folder's config (`read_model_config`) and the
+sizes of its weights (`read_tensor_sizes`) are read without it.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
-
-import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any, Iterator
 
 from .config import from_dict, to_dict
 from .errors import CheckpointError, ConfigError, short_list
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
@@ -60,6 +63,8 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """safetensors file written atomically; tensors are made contiguous CPU copies first."""
+    from safetensors.torch import save_file
+
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
@@ -139,14 +144,20 @@ def read_config_file(folder: str | Path, kind: str) -> dict:
     return info
 
 
-def load_model_files(folder: str | Path, *, kind: str, config_class: type) -> tuple[Any, dict, dict]:
-    """(config dataclass, state dict, metadata) of a checkpoint folder written by save_model_files."""
+def read_model_config(folder: str | Path, kind: str, config_class: type) -> tuple[Any, dict]:
+    """(config dataclass, the whole parsed config.json) of a `kind` checkpoint folder; no weights are read."""
     folder = Path(folder)
     info = read_config_file(folder, kind)
     try:
-        config = from_dict(config_class, info["config"])
+        return from_dict(config_class, info["config"]), info
     except ConfigError as err:
         raise CheckpointError(f"{folder / CONFIG_NAME}: {err}") from None
+
+
+def load_model_files(folder: str | Path, *, kind: str, config_class: type) -> tuple[Any, dict, dict]:
+    """(config dataclass, state dict, metadata) of a checkpoint folder written by save_model_files."""
+    folder = Path(folder)
+    config, info = read_model_config(folder, kind, config_class)
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointError(f"{folder}: {WEIGHTS_NAME} is missing")
@@ -167,6 +178,10 @@ def _first_line(err: Exception) -> str:
 
 def read_weights(path: str | Path, *, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, safetensors metadata) of one weights file; a pickled file's top-level "state_dict" is unwrapped."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
@@ -199,6 +214,19 @@ def read_weights(path: str | Path, *, allow_pickle: bool = False) -> tuple[dict[
     if others:
         raise CheckpointError(f"{path}: entries that are not tensors: {short_list(others)}")
     return tensors, {}
+
+
+def read_tensor_sizes(path: str | Path) -> dict[str, tuple[str, int, int]]:
+    """{tensor name: (safetensors dtype such as "F32", elements, bytes)} of a safetensors file, from its header
+    alone (8 bytes little-endian: the header's length, then the header, JSON): no tensor is read."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        return {name: (entry["dtype"], math.prod(entry["shape"]), entry["data_offsets"][1] - entry["data_offsets"][0])
+                for name, entry in header.items() if name != "__metadata__"}
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as err:  # a bad length or entry
+        raise CheckpointError(f"{path}: cannot be read as safetensors ({_first_line(err)})") from None
 
 
 def read_model_weights(folder: Path, stem: str, *, pickled: str | None = None,

@@ -80,16 +80,15 @@ def run_train_diffusion(args: argparse.Namespace) -> None:
     train_diffusion(cfg, args.out, resume=args.resume)
 
 
-
-
-
-
-def deferred(module: str, add_arguments: str, run: str) -> tuple[Callable, Callable]:
-    """A command whose module (and what it imports: torch, diffusers, gradio, ...) loads only when its
-    arguments are defined or it runs, so that `latentdiff --help` and the other commands start at once."""
-    def load():
-        return importlib.import_module(module, __package__)
-    return lambda parser: getattr(load(), add_arguments)(parser), lambda args: getattr(load(), run)(args)
+def deferred(module: str, add_arguments: str, run: str, run_module: str | None = None) -> tuple[Callable, Callable]:
+    """A command whose modules load only when it is used, so that `latentdiff --help` starts at once.
+    `module` defines the arguments without importing torch (tests/test_cli_help.py), so that `latentdiff
+    CMD --help` answers at once too; `run`, in `run_module` (default: `module`), loads what the command
+    needs (torch, diffusers, gradio, ...)."""
+    def load(name: str):
+        return importlib.import_module(name, __package__)
+    return (lambda parser: getattr(load(module), add_arguments)(parser),
+            lambda args: getattr(load(run_module or module), run)(args))
 
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {
@@ -102,12 +101,13 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "generate": ("generate images from prompts (PNGs carry their parameters)",
                  add_generate_arguments, run_generate),
     "eval": ("score a pipeline: shapes judge per category (train and held-out compositions), FID, CLIP score",
-             *deferred(".eval.evaluate", "add_eval_arguments", "run_eval")),
+             *deferred(".eval.command", "add_eval_arguments", "run_eval", run_module=".eval.evaluate")),
     "quickstart": ("train all three stages on the built-in shapes data, then draw a grid of samples",
                    *deferred(".quickstart", "add_quickstart_arguments", "run_quickstart")),
     "convert": ("convert a pipeline between the latentdiff, diffusers and original SD single-file formats",
                 *deferred(".convert.command", "add_convert_arguments", "run_convert")),
-    "bench": ("time our UNet against diffusers' with the same weights, side by side in one process",
+    "bench": ("time our UNet against diffusers' with the same weights, side by side in one process "
+              "(--all: a table of where the time goes, from the GEMM peak to end-to-end generation)",
               *deferred(".eval.bench", "add_bench_arguments", "run_bench")),
     "pack": ("write a folder of captioned images as WebDataset tar shards (KEY.jpg|png|... + KEY.txt) for --data",
              *deferred(".data.pack", "add_pack_arguments", "run_pack")),

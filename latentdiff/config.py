@@ -1,8 +1,10 @@
 """The config machinery: frozen dataclasses <-> plain dicts, YAML files, dotted `a.b=value` overrides, checks.
 
-Each component's config dataclass lives beside the component (UNetConfig in models/unet.py, SamplingConfig
-in samplers.py, each stage's training config at the top of train/<stage>.py, ...), and each list of valid
-names lives with the thing it names (SAMPLERS, PREDICTIONS, SPACINGS); this module knows none of them.
+Each component's config dataclass lives beside the component (UNetConfig in models/unet_config.py beside
+models/unet.py, SamplingConfig in sampling_config.py beside samplers.py, each stage's training config at the
+top of train/<stage>.py, ...); the configs a request is checked against import without torch. Each list of
+valid names lives with the thing it names (SAMPLERS, PREDICTIONS, SPACINGS), a torch-free copy of a registry's
+names beside its config, checked against the registry; this module knows none of them.
 The dataclass defaults are the CPU presets for the built-in shapes data; the YAML files under configs/ hold
 only dataclass fields, and an unknown key is an error that names it.
 """

@@ -12,7 +12,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .errors import CheckpointError, ConfigError
+from .generation_request import resolve_request
 from .grid import prompt_grid
+from .pipeline_spec import PipelineSpec
 from .png_info import GenerationParams, read_png_params, save_png
 
 DEFAULT_PIPELINE = "weights/diffusion"
@@ -55,10 +57,15 @@ def next_index(out: Path) -> int:
     return max(used, default=-1) + 1
 
 
-def load_pipeline(folder: str, device: str):
+def pipeline_folder(folder: str) -> Path:
     path = Path(folder)
     if not path.exists():
         raise CheckpointError(f"pipeline not found: {path} (train one with `latentdiff quickstart`, or pass --pipeline)")
+    return path
+
+
+def load_pipeline(folder: str, device: str):
+    path = pipeline_folder(folder)
     from .pipeline import Text2ImagePipeline  # torch and the models: not for `--help`
 
     return Text2ImagePipeline.from_pretrained(path).to(device)
@@ -77,10 +84,13 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     if args.n < 1:
         raise ConfigError(f"--n must be at least 1, got {args.n}")
     width, height = parse_size(args.size)
-    pipe = load_pipeline(args.pipeline or DEFAULT_PIPELINE, args.device)
-    request = pipe.request(prompts, args.negative, num_inference_steps=args.steps, guidance_scale=args.cfg,
-                           sampler=args.sampler, height=height, width=width, num_images_per_prompt=args.n,
-                           seed=args.seed)  # every check before any work starts
+    options = dict(num_inference_steps=args.steps, guidance_scale=args.cfg, sampler=args.sampler, height=height,
+                   width=width, num_images_per_prompt=args.n)
+    folder = args.pipeline or DEFAULT_PIPELINE
+    spec = PipelineSpec.from_folder(pipeline_folder(folder), args.device)  # its JSON files: no torch yet
+    resolve_request(spec, prompts, args.negative, **options)  # a bad request is refused here, at once
+    pipe = load_pipeline(folder, args.device)
+    request = pipe.request(prompts, args.negative, seed=args.seed, **options)  # the same checks, and the seeds
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tqdm(total=request.steps, desc="generating", dynamic_ncols=True) as bar:  # one batch: a tick per step

@@ -11,35 +11,19 @@ latent and wrap `guided_denoiser`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from .diffusion import Denoiser, NoiseSchedule
-from .errors import ConfigError
+from .generation_request import GenerationRequest
 from .guidance import CFGDenoiser
 from .models.autoencoder import AutoencoderKL
 from .models.text_encoder import TextEncoder
 from .models.unet import UNet
+from .pipeline_spec import PipelineSpec
 from .samplers import SAMPLERS, SamplingConfig, initial_latent
 from .stages import UNetRecord
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One generation with every setting resolved (Text2ImagePipeline.request): a prompt, negative prompt
-    and generator per image, and the sampling settings."""
-    prompts: list[str]                      # one per image, prompt-major
-    negative_prompts: list[str] | None      # one per image, or None for the empty prompt
-    seeds: list[int] | None                 # one per image; None when the caller passed generators
-    generators: list[torch.Generator]       # one per image
-    steps: int
-    guidance_scale: float
-    sampler: str                            # a name in samplers.SAMPLERS
-    height: int                             # pixels
-    width: int
-    output_type: str = "pil"                # "pil", "np", "pt" or "latent"
 
 
 def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
@@ -75,21 +59,22 @@ class LatentDiffusion:
         return self.record.sampling
 
     @property
+    def spec(self) -> PipelineSpec:
+        """This pipeline as request resolution sees it (no torch needed to read it): the stages' configs, the
+        sampling defaults, the training size, the weights' bytes and itemsizes, and the device."""
+        weights = sum(t.numel() * t.element_size() for module in (self.autoencoder, self.text_encoder, self.unet)
+                      for t in module.state_dict().values())  # weights and saved buffers, as from_folder counts
+        return PipelineSpec(self.autoencoder.config, self.unet.config, self.sampling, self.record.image_size, weights,
+                            self.dtype.itemsize, next(self.autoencoder.parameters()).dtype.itemsize, str(self.device))
+
+    @property
     def size_multiple(self) -> int:
         """Image sides must be multiples of this: the autoencoder's factor times the UNet's."""
-        return self.autoencoder.downsample_factor * self.unet.config.downsample_factor
+        return self.spec.size_multiple
 
     def latent_shape(self, batch: int, height: int | None, width: int | None) -> tuple[int, int, int, int]:
         """(B, C, h, w) of the latents for images of height x width pixels (default: the training size)."""
-        default = self.record.image_size or 8 * self.size_multiple
-        height, width = height or default, width or default
-        m = self.size_multiple
-        if height % m or width % m or height < m or width < m:
-            raise ConfigError(f"image size {width}x{height} is not a positive multiple of {m} on both sides "
-                              f"(the autoencoder's latent factor {self.autoencoder.downsample_factor} times the "
-                              f"UNet's {self.unet.config.downsample_factor})")
-        f = self.autoencoder.downsample_factor
-        return batch, self.unet.config.in_channels, height // f, width // f
+        return self.spec.latent_shape(batch, height, width)
 
     # -- the steps of a generation ---------------------------------------------------------------
 

@@ -9,9 +9,10 @@ A pipeline folder written by `save_pretrained` holds autoencoder/, text_encoder/
 (the sampling defaults); a diffusion run folder holds the UNet, whose metadata names the other two stages
 (see stages.py). Either way the three stages are checked to belong together.
 
-Every call goes through `request(...)`, the one place that turns arguments into resolved settings
-(defaults from the UNet's record, checks, one generator per image: seed, seed + 1, ...); the CLI uses it
-too. Sampling itself is LatentDiffusion's (latent_diffusion.py); img2img and inpainting are editing.py's.
+Every call goes through `request(...)`: generation_request.resolve_request, the one place that turns
+arguments into resolved settings (defaults from the UNet's record, checks), on this pipeline's spec, then one
+generator per image (seed, seed + 1, ...); the CLI uses it too. Sampling itself is LatentDiffusion's
+(latent_diffusion.py); img2img and inpainting are editing.py's.
 """
 from __future__ import annotations
 
@@ -25,23 +26,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import CONFIG_NAME, FORMAT_VERSION, atomic_directory, atomic_write_json, read_json
-from .config import apply_overrides, from_dict, to_dict
+from .checkpoint import FORMAT_VERSION, atomic_directory, atomic_write_json
+from .config import apply_overrides, to_dict
 from .data.images import tensor_to_pil
 from .editing import check_strength, image_batch, img2img_latents, inpaint_images, mask_batch
-from .errors import CheckpointError, ConfigError
-from .latent_diffusion import GenerationRequest, LatentDiffusion, seeded_generators
+from .errors import ConfigError
+from .generation_request import GenerationRequest, Prompts, resolve_request
+from .latent_diffusion import LatentDiffusion, seeded_generators
 from .models.autoencoder import AutoencoderKL
 from .models.text_encoder import TextEncoder
 from .models.unet import UNet
-from .request_limits import check_memory, finite, integer
+from .pipeline_spec import PIPELINE_FILE, STAGE_FOLDERS, PipelineFolder
+from .request_limits import integer
 from .samplers import SamplingConfig, check_sampler
 from .stages import StageRef, UNetRecord, stage_hash
-
-PIPELINE_FILE = "pipeline.json"
-STAGE_FOLDERS = {"autoencoder": "autoencoder", "text_encoder": "text_encoder", "unet": "unet"}
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-Prompts = str | Sequence[str]
 
 
 @dataclass
@@ -51,13 +49,6 @@ class Text2ImageOutput:
     images: Any
     prompts: list[str]
     seeds: list[int] | None  # None when the caller passed generators
-
-
-def _as_list(value: Prompts, what: str) -> list[str]:
-    items = [value] if isinstance(value, str) else list(value)
-    if not items or not all(isinstance(p, str) for p in items):
-        raise ConfigError(f"{what}: expected a string or a non-empty list of strings")
-    return items
 
 
 class Text2ImagePipeline(LatentDiffusion):
@@ -87,26 +78,9 @@ class Text2ImagePipeline(LatentDiffusion):
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "Text2ImagePipeline":
         """A pipeline folder (pipeline.json + autoencoder/, text_encoder/, unet/) or a diffusion run folder."""
-        folder = Path(folder)
-        if (folder / PIPELINE_FILE).is_file():
-            info = read_json(folder / PIPELINE_FILE)
-            if info.get("format_version", 0) > FORMAT_VERSION:
-                raise CheckpointError(f"{folder / PIPELINE_FILE}: format version {info['format_version']} is newer "
-                                      f"than this latentdiff reads ({FORMAT_VERSION}); upgrade latentdiff")
-            stages = {name: folder / info.get("stages", {}).get(name, sub) for name, sub in STAGE_FOLDERS.items()}
-            pipe = cls.from_stages(stages["autoencoder"], stages["text_encoder"], stages["unet"])
-            try:
-                sampling = from_dict(SamplingConfig, info.get("sampling", {}), "sampling")
-            except ConfigError as err:
-                raise CheckpointError(f"{folder / PIPELINE_FILE}: {err}") from None
-            return pipe.with_sampling(sampling)
-        if (folder / CONFIG_NAME).is_file():
-            unet = UNet.from_pretrained(folder)
-            record = UNetRecord.from_metadata(unet.identity.metadata, folder)
-            return cls.from_stages(record.stage_path("autoencoder", folder),
-                                   record.stage_path("text_encoder", folder), unet)
-        raise CheckpointError(f"{folder}: neither a pipeline folder (no {PIPELINE_FILE}) nor a diffusion run folder "
-                              f"(no {CONFIG_NAME})")
+        found = PipelineFolder.find(folder)
+        pipe = cls.from_stages(found.autoencoder, found.text_encoder, found.unet)
+        return pipe if found.sampling is None else pipe.with_sampling(found.sampling)
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write a self-contained pipeline folder (atomically): the three stages and pipeline.json.
@@ -146,39 +120,17 @@ class Text2ImagePipeline(LatentDiffusion):
                 generator: torch.Generator | Sequence[torch.Generator] | None = None,
                 output_type: str = "pil", memory_limit: int | None = None) -> GenerationRequest:
         """Check a request's arguments and fill in the defaults (`self.sampling`, the training size), before
-        any work starts. seed: image k uses seed + k (or seed[k]); generator: one per image instead. A request
-        whose estimated memory exceeds `memory_limit` bytes (default: the device's memory) is refused."""
-        prompts = _as_list(prompt, "prompt")
-        negatives = None if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
-        if negatives is not None and len(negatives) == 1:
-            negatives = negatives * len(prompts)
-        if negatives is not None and len(negatives) != len(prompts):
-            raise ConfigError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
-        num_images_per_prompt = integer("num_images_per_prompt", num_images_per_prompt)
-        if num_images_per_prompt < 1:
-            raise ConfigError(f"num_images_per_prompt: must be at least 1, got {num_images_per_prompt}")
-        if output_type not in OUTPUT_TYPES:
-            raise ConfigError(f"output_type {output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
-        defaults = self.sampling
-        steps = integer("num_inference_steps", defaults.steps if num_inference_steps is None else num_inference_steps)
-        if steps < 1:
-            raise ConfigError(f"num_inference_steps: must be at least 1, got {steps}")
-        scale = finite("guidance_scale", defaults.guidance_scale if guidance_scale is None else guidance_scale)
-        sampler = sampler or defaults.sampler
-        check_sampler(sampler)
-        height, width = (None if v is None else integer(name, v) for name, v in (("height", height), ("width", width)))
-        _, _, h, w = self.latent_shape(1, height, width)  # a bad size is refused here
-        f = self.autoencoder.downsample_factor
-        count = len(prompts) * num_images_per_prompt
-        check_memory(self, count, h * f, w * f, guided=scale != 1, limit=memory_limit)  # arithmetic on the shapes
+        any work starts (generation_request.resolve_request). seed: image k uses seed + k (or seed[k]);
+        generator: one per image instead. A request whose estimated memory exceeds `memory_limit` bytes
+        (default: the device's memory) is refused."""
+        request = resolve_request(self.spec, prompt, negative_prompt, num_inference_steps=num_inference_steps,
+                                  guidance_scale=guidance_scale, sampler=sampler, height=height, width=width,
+                                  num_images_per_prompt=num_images_per_prompt, output_type=output_type,
+                                  memory_limit=memory_limit)
         if isinstance(seed, numbers.Real):
             seed = integer("seed", seed)
-        generators, seeds = self.generators(count, seed, generator)
-        return GenerationRequest(
-            prompts=[p for p in prompts for _ in range(num_images_per_prompt)],
-            negative_prompts=None if negatives is None else [n for n in negatives for _ in range(num_images_per_prompt)],
-            seeds=seeds, generators=generators, steps=steps, guidance_scale=scale, sampler=sampler,
-            height=h * f, width=w * f, output_type=output_type)
+        generators, seeds = self.generators(len(request.prompts), seed, generator)
+        return dataclasses.replace(request, seeds=seeds, generators=generators)
 
     def generators(self, count: int, seed: int | Sequence[int] | None,
                    generator: torch.Generator | Sequence[torch.Generator] | None

@@ -12,11 +12,13 @@ from pathlib import Path
 
 from .config import apply_overrides
 from .grid import prompt_grid
-from .pipeline import Text2ImagePipeline
-from .train.autoencoder import AutoencoderTrainingConfig, train_autoencoder
-from .train.diffusion import DiffusionTrainingConfig, train_diffusion
-from .train.loop import completed_steps
-from .train.text_encoder import TextEncoderTrainingConfig, train_text_encoder
+from .lazy import lazy_attributes
+
+# torch and the trainers load when the command runs, not for `latentdiff quickstart --help`; the trainers
+# stay readable as attributes of this module (quickstart.train_autoencoder, ...).
+_LAZY = {"train_autoencoder": "train.autoencoder", "train_text_encoder": "train.text_encoder",
+         "train_diffusion": "train.diffusion"}
+__getattr__ = lazy_attributes(__name__, globals(), _LAZY)
 
 PROMPTS = (
     "a red circle in the top left",
@@ -38,6 +40,8 @@ def add_quickstart_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_stage(name: str, train, cfg, folder: Path) -> float | None:
     """Train one stage unless it already finished; returns the minutes it took (None when skipped)."""
+    from .train.loop import completed_steps
+
     done = completed_steps(folder)
     if done >= cfg.train.steps:
         print(f"[quickstart] {name}: already trained ({done} steps) in {folder}, skipping")
@@ -51,6 +55,8 @@ def run_stage(name: str, train, cfg, folder: Path) -> float | None:
 
 def draw_grid(pipeline_dir: Path, path: Path, device: str) -> None:
     """One row per prompt, labelled, SEEDS_PER_PROMPT columns (seeds 0, 1, ...), enlarged 4x."""
+    from .pipeline import Text2ImagePipeline
+
     pipe = Text2ImagePipeline.from_pretrained(pipeline_dir).to(device)
     result = pipe(list(PROMPTS), num_images_per_prompt=SEEDS_PER_PROMPT, seed=0)
     prompt_grid(result.images, result.prompts, SEEDS_PER_PROMPT).save(path)
@@ -58,6 +64,10 @@ def draw_grid(pipeline_dir: Path, path: Path, device: str) -> None:
 
 def quickstart_plan(root: Path) -> list[tuple[str, object, object]]:
     """(stage folder name, trainer, config) for the three stages, in training order: the CPU presets."""
+    from .train.autoencoder import AutoencoderTrainingConfig, train_autoencoder
+    from .train.diffusion import DiffusionTrainingConfig, train_diffusion
+    from .train.text_encoder import TextEncoderTrainingConfig, train_text_encoder
+
     diffusion_cfg = apply_overrides(DiffusionTrainingConfig(), {
         "autoencoder": str(root / "autoencoder"), "text_encoder": str(root / "text_encoder")})
     return [("autoencoder", train_autoencoder, AutoencoderTrainingConfig()),

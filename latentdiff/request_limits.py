@@ -13,6 +13,9 @@ phases, which run one after the other, plus the weights:
 
 The limit is the device's memory (a CUDA GPU's, else the machine's RAM or its cgroup's limit, whichever is
 less), or a smaller one the caller sets (the web page's --max-memory).
+
+Everything here is arithmetic on a PipelineSpec (pipeline_spec.py): torch loads only to ask a CUDA device
+its memory, so that the CLI refuses a request before the pipeline loads.
 """
 from __future__ import annotations
 
@@ -21,10 +24,14 @@ import numbers
 import os
 import re
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .pipeline_spec import PipelineSpec
 
 LIVE = 4  # tensors of one level's shape alive at once in a ResBlock: input, normed, conv output, residual
 CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # v2, v1
@@ -63,10 +70,13 @@ def parse_bytes(text: str) -> int:
     return int(float(number) * (1024 if binary else 1000) ** power)
 
 
-def device_memory(device: torch.device) -> tuple[int | None, str]:
-    """(bytes, what they are) of the memory a generation on `device` can use; None when unknown."""
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
+def device_memory(device: str | torch.device) -> tuple[int | None, str]:
+    """(bytes, what they are) of the memory a generation on `device` ("cpu", "cuda:0", ...) can use; None
+    when unknown."""
+    if str(device).startswith("cuda"):
+        import torch  # only a CUDA device needs it asked
+
+        props = torch.cuda.get_device_properties(torch.device(device))
         return props.total_memory, f"the {format_bytes(props.total_memory)} of {props.name}"
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -80,10 +90,12 @@ def device_memory(device: torch.device) -> tuple[int | None, str]:
     return total, f"the {format_bytes(total)} of memory this machine has"
 
 
-def generation_memory(pipe, batch: int, height: int, width: int, guided: bool) -> tuple[int, str]:
-    """(bytes, the phase that needs most) to generate `batch` images of height x width pixels with `pipe`."""
-    unet, ae = pipe.unet.config, pipe.autoencoder.config
-    f = pipe.autoencoder.downsample_factor
+def generation_memory(spec: PipelineSpec, batch: int, height: int, width: int, guided: bool) -> tuple[int, str]:
+    """(bytes, the phase that needs most) to generate `batch` images of height x width pixels with the pipeline
+    `spec` describes (or a loaded pipeline: its `.spec`)."""
+    spec = getattr(spec, "spec", spec)
+    unet, ae = spec.unet, spec.autoencoder
+    f = spec.latent_factor
     pixels = (height // f) * (width // f)  # latent positions, N at level 0
     rows = batch * (2 if guided else 1)   # guidance runs the conditional and unconditional halves in one batch
     levels = range(len(unet.channel_mult))
@@ -91,29 +103,27 @@ def generation_memory(pipe, batch: int, height: int, width: int, guided: bool) -
     work = max(LIVE * unet.width(lvl) * pixels / 4 ** lvl for lvl in levels)
     attention = [unet.heads(lvl) * (pixels / 4 ** lvl) ** 2 + 8 * unet.width(lvl) * pixels / 4 ** lvl  # scores, GEGLU
                  for lvl in set(unet.attention_levels) | {len(levels) - 1}]
-    sampling = rows * (skips + max(work, *attention)) * pipe.dtype.itemsize
-    ae_itemsize = next(pipe.autoencoder.parameters()).dtype.itemsize
+    sampling = rows * (skips + max(work, *attention)) * spec.unet_itemsize
     widths = [ae.ch * m for m in ae.ch_mult]
     # at level l the decoder holds widths[l] channels, and the upsampled widths[l + 1] on entry
     decoder = max(LIVE * max(widths[lvl:lvl + 2]) * height * width / 4 ** lvl for lvl in range(len(widths)))
-    decoding = batch * max(decoder, pixels ** 2 if ae.mid_attention else 0) * ae_itemsize
-    weights = sum(p.numel() * p.element_size() for module in (pipe.unet, pipe.autoencoder, pipe.text_encoder)
-                  for p in module.parameters())
+    decoding = batch * max(decoder, pixels ** 2 if ae.mid_attention else 0) * spec.autoencoder_itemsize
     phase = "the UNet's activations and attention" if sampling >= decoding else "the decoder's activations"
-    return int(max(sampling, decoding) + weights), phase
+    return int(max(sampling, decoding) + spec.weight_bytes), phase
 
 
-def check_memory(pipe, batch: int, height: int, width: int, guided: bool, limit: int | None = None) -> None:
+def check_memory(spec: PipelineSpec, batch: int, height: int, width: int, guided: bool,
+                 limit: int | None = None) -> None:
     """Refuse (ConfigError, one line naming the limit) a generation whose estimate exceeds `limit` bytes
     (default: the device's memory)."""
-    available, what = device_memory(pipe.device)
+    available, what = device_memory(spec.device)
     if limit is not None:
         limit = integer("memory_limit", limit)
         if available is None or limit < available:
             available, what = limit, f"the memory limit of {format_bytes(limit)}"
     if available is None:
         return
-    needed, phase = generation_memory(pipe, batch, height, width, guided)
+    needed, phase = generation_memory(spec, batch, height, width, guided)
     if needed > available:
         raise ConfigError(f"{batch} image(s) of {width}x{height} would need about {format_bytes(needed)} of memory "
                           f"({phase}), more than {what}: ask for a smaller size or fewer images")

@@ -17,14 +17,11 @@ they agree.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
-from .config import check_choice
-from .diffusion.schedules import SPACINGS
-from .errors import ConfigError
+from .sampling_config import SAMPLER_NAMES, SamplingConfig, check_sampler  # noqa: F401 (their old home)
 
 Generators = Sequence[torch.Generator] | torch.Generator | None
 
@@ -178,27 +175,5 @@ SAMPLERS: dict[str, Callable] = {
     "dpmpp_2m": sample_dpmpp_2m,
 }
 
-
-def check_sampler(name: str, where: str = "sampler") -> None:
-    """ConfigError unless `name` is in the SAMPLERS registry (read at call time: a sampler added later counts)."""
-    if name not in SAMPLERS:
-        raise ConfigError(f"{where}: unknown sampler {name!r} (known: {', '.join(SAMPLERS)})")
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    sampler: str = "dpmpp_2m"         # a name in SAMPLERS
-    steps: int = 20                   # denoising steps
-    guidance_scale: float = 3.0       # classifier-free guidance scale (1 = no guidance)
-    spacing: str = "leading"          # sigma spacing: "leading", "trailing", "linspace" or "karras"
-    steps_offset: int = 1             # added to "leading" timesteps (SD: 1; diffusers' scheduler field of that name)
-
-    def __post_init__(self):
-        check_sampler(self.sampler, "sampling.sampler")
-        check_choice("sampling.spacing", self.spacing, SPACINGS)
-        if self.steps < 1:
-            raise ConfigError(f"sampling.steps: must be at least 1, got {self.steps}")
-        if self.steps_offset < 0:
-            raise ConfigError(f"sampling.steps_offset: must be at least 0, got {self.steps_offset}")
-        if self.guidance_scale < 0:
-            raise ConfigError(f"sampling.guidance_scale: must be at least 0, got {self.guidance_scale}")
+# The names a check reads without importing this module (and torch); the two lists must agree.
+assert tuple(SAMPLERS) == SAMPLER_NAMES, "list the samplers of SAMPLERS in sampling_config.SAMPLER_NAMES too"

@@ -23,10 +23,10 @@ from typing import Any
 
 from .checkpoint import CONFIG_NAME, read_config_file, sha256_file, weights_hash
 from .config import from_dict, to_dict
-from .diffusion.prediction import PREDICTIONS
-from .diffusion.schedules import ScheduleConfig
+from .diffusion.prediction_names import prediction_names
+from .diffusion.schedule_config import ScheduleConfig
 from .errors import CheckpointError, ConfigError
-from .samplers import SamplingConfig
+from .sampling_config import SamplingConfig
 
 STAGES = ("autoencoder", "text_encoder")
 
@@ -135,9 +135,9 @@ class UNetRecord:
             sampling = from_dict(SamplingConfig, metadata.get("sampling", {}), "sampling")
         except ConfigError as err:
             raise CheckpointError(f"{where}: {err}") from None
-        if metadata["prediction"] not in PREDICTIONS:
+        if metadata["prediction"] not in prediction_names():
             raise CheckpointError(f"{where}: unknown prediction type {metadata['prediction']!r} "
-                                  f"(known: {', '.join(PREDICTIONS)})")
+                                  f"(known: {', '.join(prediction_names())})")
         return cls(stages, metadata["prediction"], schedule, sampling, int(metadata.get("image_size", 0)),
                    bool(metadata.get("context_mask", True)))
 

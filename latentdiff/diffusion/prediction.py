@@ -23,6 +23,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import ConfigError
+from .prediction_names import PREDICTION_NAMES
 
 
 class Prediction(ABC):
@@ -94,8 +95,9 @@ class X0Prediction(Prediction):
         return snr.clamp(max=gamma)
 
 
-# The one definition of the valid prediction names.
+# The one definition of the valid prediction names (prediction_names.py lists them for checks without torch).
 PREDICTIONS: dict[str, Prediction] = {p.name: p for p in (EpsPrediction(), VPrediction(), X0Prediction())}
+assert tuple(PREDICTIONS) == PREDICTION_NAMES, "list the types of PREDICTIONS in prediction_names.PREDICTION_NAMES too"
 
 
 def get_prediction(name: str, where: str = "prediction") -> Prediction:

@@ -1,5 +1,13 @@
-"""Evaluation: CLIP score and retrieval (FID, the shapes judge and benchmarks live beside them)."""
-from .clip_score import clip_score
-from .retrieval import distinct_caption_batches, heldout_retrieval, retrieval_accuracy
+"""Evaluation: CLIP score and retrieval (FID, the shapes judge and benchmarks live beside them).
 
-__all__ = ["clip_score", "distinct_caption_batches", "heldout_retrieval", "retrieval_accuracy"]
+The names load on first use (PEP 562), so that `latentdiff eval --help` and `bench --help` need not wait
+for torch. `clip_score` is the function, also after its module eval/clip_score.py has been imported.
+"""
+from __future__ import annotations
+
+from ..lazy import lazy_attributes
+
+_LAZY = {"clip_score": "clip_score", "distinct_caption_batches": "retrieval", "heldout_retrieval": "retrieval",
+         "retrieval_accuracy": "retrieval"}
+__all__ = list(_LAZY)
+__getattr__ = lazy_attributes(__name__, globals(), _LAZY)
