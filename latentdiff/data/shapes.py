@@ -11,6 +11,11 @@ Held-out split: the colour x shape pairs in HELDOUT_COLOUR_SHAPES and the spatia
 HELDOUT_RELATIONS never appear in split="train" (not in captions, not in pixels); every sample of
 split="heldout" contains at least one of them. A model trained on "train" and prompted with
 "heldout" captions therefore measures compositional generalisation.
+
+Two levers for compositions (issue 15), both off by default: `multi_object_weight` multiplies the odds
+of the multi-object kinds (counts and pairs) against single objects, and `paraphrase` says a share of
+the pairs the other way round ("A left of B" as "B right of A"), drawn from a random stream of its own
+so that the pictures stay the same.
 """
 from __future__ import annotations
 
@@ -24,7 +29,8 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from .images import pil_to_tensor
-from .shapes_captions import caption_sample
+from .shapes_captions import REVERSED_RELATION, caption_sample
+from .shapes_captions import paraphrase as paraphrase_caption
 
 # Saturated colours, pairwise at least ~95 apart in RGB and none near the white background.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -300,12 +306,14 @@ def _draw_colour_shape(rng: random.Random, allow_heldout: bool) -> tuple[str, st
             return pair
 
 
-def _draw_specs(rng: random.Random, split: str) -> tuple[str, list[ObjectSpec], str | None]:
+def _draw_specs(rng: random.Random, split: str, multi_object_weight: float = 1.0
+                ) -> tuple[str, list[ObjectSpec], str | None]:
     """Random (kind, specs, relation). For "heldout", half the samples are pairs stating a held-out
     relation, the other half put a held-out colour x shape pair in the first object."""
     train = split == "train"
     heldout_relation = None if train or rng.random() < 0.5 else rng.choice(sorted(HELDOUT_RELATIONS))
-    kind = "pair" if heldout_relation else rng.choices(tuple(KINDS), weights=tuple(KINDS.values()))[0]
+    weights = tuple(p if kind == "single" else p * multi_object_weight for kind, p in KINDS.items())
+    kind = "pair" if heldout_relation else rng.choices(tuple(KINDS), weights=weights)[0]
     if train or heldout_relation:
         first = _draw_colour_shape(rng, allow_heldout=not train)
     else:
@@ -321,38 +329,48 @@ def _draw_specs(rng: random.Random, split: str) -> tuple[str, list[ObjectSpec], 
     if heldout_relation:
         shape_a, relation, shape_b = heldout_relation
         if rng.random() < 0.5:  # say it either way round: "a square below a circle" is held out too
-            shape_a, relation, shape_b = shape_b, {"above": "below", "left of": "right of"}[relation], shape_a
+            shape_a, relation, shape_b = shape_b, REVERSED_RELATION[relation], shape_a
         first, second = (first[0], shape_a), (second[0], shape_b)  # held-out triples have two shapes
     while second == first:
         second = _draw_colour_shape(rng, allow_heldout=not train)
     return kind, [ObjectSpec(*first, size), ObjectSpec(*second, rng.choice(tuple(SIZES)))], relation
 
 
-def generate_sample(seed: int, split: str, index: int, image_size: int = 32) -> ShapesSample:
-    """Sample `index` of the random stream (seed, split), laid out at image_size pixels."""
+def generate_sample(seed: int, split: str, index: int, image_size: int = 32, *, paraphrase: float = 0.0,
+                    multi_object_weight: float = 1.0) -> ShapesSample:
+    """Sample `index` of the random stream (seed, split), laid out at image_size pixels; with probability
+    `paraphrase` its caption is said another way (shapes_captions.paraphrase), and multi-object kinds
+    are `multi_object_weight` times as likely against single objects as in KINDS."""
     if split not in SPLITS:
         raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     rng = random.Random(f"shapes/{seed}/{split}/{index}")  # str seeds hash the same in every process
     for _ in range(_TRIES):
-        kind, specs, relation = _draw_specs(rng, split)
+        kind, specs, relation = _draw_specs(rng, split, multi_object_weight)
         try:
             sample = make_sample(kind, specs, relation, image_size=image_size, rng=rng)
         except ValueError:  # no room for these objects: draw again
             continue
         if is_heldout(sample) == (split == "heldout"):
+            if paraphrase > 0:  # a stream of its own: the layout and the default captions stay as they were
+                said = random.Random(f"shapes/{seed}/{split}/{index}/paraphrase")
+                if said.random() < paraphrase:
+                    sample = paraphrase_caption(sample, said)
             return sample
     raise RuntimeError(f"no {split} sample found for index {index}")  # a bug, not bad input
 
 
 class ShapesDataset(Dataset):
-    """Captioned shapes, rendered on the fly: item i is {"image": (3, H, W) in [-1, 1], "caption": str}."""
+    """Captioned shapes, rendered on the fly: item i is {"image": (3, H, W) in [-1, 1], "caption": str}.
+    paraphrase, multi_object_weight: the levers of `generate_sample` (off by default)."""
 
-    def __init__(self, size: int = 32, length: int = 50_000, seed: int = 0, split: str = "train"):
+    def __init__(self, size: int = 32, length: int = 50_000, seed: int = 0, split: str = "train", *,
+                 paraphrase: float = 0.0, multi_object_weight: float = 1.0):
         if split not in SPLITS:
             raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
         if length < 1:
             raise ValueError(f"length must be at least 1, got {length}")
         self.size, self.length, self.seed, self.split = size, length, seed, split
+        self.levers = {"paraphrase": paraphrase, "multi_object_weight": multi_object_weight}
 
     def __len__(self) -> int:
         return self.length
@@ -360,7 +378,7 @@ class ShapesDataset(Dataset):
     def sample(self, index: int) -> ShapesSample:
         if not -self.length <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} samples")
-        return generate_sample(self.seed, self.split, index % self.length, self.size)
+        return generate_sample(self.seed, self.split, index % self.length, self.size, **self.levers)
 
     def render(self, index: int) -> Image.Image:
         return render_sample(self.sample(index))

@@ -4,10 +4,16 @@ Captions vary in wording so a text encoder learns the meaning, not one fixed sen
 attribute has a few synonyms and each kind of sample a few templates. Only unambiguous synonyms
 are used ("disk" for circle is fine, "light blue" for cyan is not). The first entry of every table
 is the canonical word, which `caption_sample(sample)` without an rng always uses.
+
+Two training levers (issue 15) read the same tables: `paraphrase` says a pair the other way round
+("a red circle left of a blue square" -> "a blue square right of a red circle"), and
+`object_word_spans` finds each named object's colour and shape words, for the grounding loss.
 """
 from __future__ import annotations
 
 import random
+import re
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # only for annotations: shapes.py imports this module
@@ -60,6 +66,8 @@ RELATION_WORDS: dict[str, tuple[str, ...]] = {
     "left of": ("to the left of", "left of"),
     "right of": ("to the right of", "right of"),
 }
+# The same relation seen from the other object: "a above b" is "b below a".
+REVERSED_RELATION = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
 
 COUNT_WORDS: dict[int, tuple[str, ...]] = {
     2: ("two", "a pair of"),
@@ -132,3 +140,36 @@ def _caption_count(objects: tuple[ShapeObject, ...], rng: random.Random | None) 
         words.append(_pick(SIZE_WORDS[obj.size], rng))
     words += [_pick(COLOUR_WORDS[obj.colour], rng), _pick(SHAPE_WORDS[obj.shape], rng)[1]]
     return " ".join(words)
+
+
+def paraphrase(sample: ShapesSample, rng: random.Random) -> ShapesSample:
+    """The same scene, its caption said another way that states exactly as much: a pair names its
+    objects the other way round (a stated relation reversed, "X and Y" as "Y and X"), with words
+    drawn afresh from rng. Singles and counts come back unchanged: a fresh draw of their templates
+    could drop or add a region or a size, which is not the same statement."""
+    if sample.kind != "pair":
+        return sample
+    relation = None if sample.relation is None else REVERSED_RELATION[sample.relation]
+    swapped = replace(sample, objects=sample.objects[::-1], relation=relation)
+    return replace(swapped, caption=caption_sample(swapped, rng))
+
+
+def object_word_spans(sample: ShapesSample) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(start, end) character spans of the colour word and the shape word of each object the caption
+    names, in order (a count's objects are named once). Every template says colour, then shape, object
+    by object, so each is the first of its words after the previous object's."""
+    named = sample.objects[:1] if sample.kind == "count" else sample.objects
+    spans, cursor = [], 0
+    for obj in named:
+        colour = _find_word(sample.caption, COLOUR_WORDS[obj.colour], cursor)
+        shape = _find_word(sample.caption, [w for forms in SHAPE_WORDS[obj.shape] for w in forms], colour[1])
+        spans.append((colour, shape))
+        cursor = shape[1]
+    return spans
+
+
+def _find_word(text: str, words, start: int) -> tuple[int, int]:
+    found = re.compile(r"\b(" + "|".join(map(re.escape, words)) + r")\b").search(text, start)
+    if found is None:
+        raise ValueError(f"none of {list(words)} after character {start} of {text!r}")
+    return found.span()

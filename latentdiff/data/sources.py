@@ -29,6 +29,9 @@ class DataConfig:
     background: str = "white"         # colour that transparent pixels are composited onto
     num_workers: int = 0              # DataLoader worker processes
     shuffle_buffer: int = 1000        # shards: samples a worker mixes (as raw bytes, in memory); 0 = shard order
+    # Levers for compositions (issue 15), shapes "train" split only; the defaults leave the data as it was.
+    paraphrase: float = 0.0           # share of pair captions said the other way round ("B right of A")
+    multi_object_weight: float = 1.0  # odds of counts and pairs against single objects, times this
 
     def __post_init__(self):
         check_choice("data.crop", self.crop, CROPS)
@@ -36,6 +39,13 @@ class DataConfig:
             raise ConfigError(f"data.size: {self.size} is too small (at least 8)")
         if self.shuffle_buffer < 0:
             raise ConfigError(f"data.shuffle_buffer: must be at least 0, got {self.shuffle_buffer}")
+        if not 0.0 <= self.paraphrase <= 1.0:
+            raise ConfigError(f"data.paraphrase: must be in [0, 1], got {self.paraphrase}")
+        if self.multi_object_weight <= 0:
+            raise ConfigError(f"data.multi_object_weight: must be positive, got {self.multi_object_weight}")
+        if self.source != "shapes" and (self.paraphrase, self.multi_object_weight) != (0.0, 1.0):
+            raise ConfigError("data.paraphrase and data.multi_object_weight work on the built-in shapes only, "
+                              f"whose scenes are known; data.source is {self.source!r}")
 
 
 HELDOUT_SHAPES_MIN = 1000  # shapes "heldout" split: max(this, cfg.length // 10) samples
@@ -43,10 +53,14 @@ HELDOUT_SHAPES_MIN = 1000  # shapes "heldout" split: max(this, cfg.length // 10)
 
 def build_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
     """The dataset `cfg.source` names: "shapes", a folder of captioned images or tar shards; split "train"
-    or "heldout". Shards give an IterableDataset (endless: see ShardDataset.configure, and in_order)."""
+    or "heldout". Shards give an IterableDataset (endless: see ShardDataset.configure, and in_order).
+    The shapes levers change only "train": the held-out split stays the same yardstick for every run."""
     if cfg.source == "shapes":
-        length = cfg.length if split == "train" else max(HELDOUT_SHAPES_MIN, cfg.length // 10)
-        return ShapesDataset(size=cfg.size, length=length, seed=cfg.seed, split=split)
+        if split != "train":
+            return ShapesDataset(size=cfg.size, length=max(HELDOUT_SHAPES_MIN, cfg.length // 10), seed=cfg.seed,
+                                 split=split)
+        return ShapesDataset(size=cfg.size, length=cfg.length, seed=cfg.seed, split=split,
+                             paraphrase=cfg.paraphrase, multi_object_weight=cfg.multi_object_weight)
     if is_shard_source(cfg.source):
         return ShardDataset(cfg.source, cfg.size, crop=cfg.crop, flip=cfg.flip, background=cfg.background,
                             split=split, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer)

@@ -28,6 +28,10 @@ class ObjectiveConfig:
     snr_gamma: float = 5.0            # γ of min-SNR weighting: the SNR is capped at γ
     offset_noise: float = 0.0         # std of a per-channel constant added to ε (0 = off; ~0.1 helps very dark/bright)
     cond_dropout: float = 0.1         # share of samples trained on the unconditional context (classifier-free guidance)
+    # Grounding (issue 15; shapes data only, training only): pull each object word's cross-attention onto
+    # the object's mask (diffusion/grounding.py). 0 = off, and then nothing of it runs.
+    grounding_weight: float = 0.0     # weight of the grounding loss added to the denoising loss
+    grounding_min_size: int = 4       # cross-attention on feature maps smaller than this on a side is left out
 
     def __post_init__(self):
         get_prediction(self.prediction, "objective.prediction")  # a name in PREDICTIONS, else ConfigError
@@ -38,6 +42,10 @@ class ObjectiveConfig:
             raise ConfigError(f"objective.offset_noise: must be at least 0, got {self.offset_noise}")
         if not 0.0 <= self.cond_dropout <= 1.0:
             raise ConfigError(f"objective.cond_dropout: must be in [0, 1], got {self.cond_dropout}")
+        if self.grounding_weight < 0:
+            raise ConfigError(f"objective.grounding_weight: must be at least 0, got {self.grounding_weight}")
+        if self.grounding_min_size < 1:
+            raise ConfigError(f"objective.grounding_min_size: must be at least 1, got {self.grounding_min_size}")
 
 
 def sample_timesteps(x0: torch.Tensor, num_train_timesteps: int,
@@ -60,16 +68,22 @@ def sample_noise(x0: torch.Tensor, generator: Generator = None, offset_noise: fl
     return noise
 
 
-def drop_conditioning(cond: dict, uncond: dict, p: float, generator: Generator = None) -> dict:
+def conditioning_dropout(context: torch.Tensor, p: float, generator: Generator = None) -> torch.Tensor:
+    """(B,) bool: which samples of the (B, L, D) context `drop_conditioning` replaces, each with probability p."""
+    return draw(torch.rand, (context.shape[0],), generator, context) < p
+
+
+def drop_conditioning(cond: dict, uncond: dict, p: float, generator: Generator = None, *,
+                      drop: torch.Tensor | None = None) -> dict:
     """A copy of `cond` where, with probability p, a sample's "context" (and "context_mask") is the unconditional one.
 
     uncond["context"] is (1 or B, L, D), e.g. the empty caption's encoding. Training on it teaches the
     unconditional model that classifier-free guidance needs, in the same network. A missing mask means
-    every token is real.
+    every token is real. drop: the (B,) choice already drawn by `conditioning_dropout` (then p is unused).
     """
     context = cond["context"]  # (B, L, D)
     B, L = context.shape[:2]
-    drop = draw(torch.rand, (B,), generator, context) < p  # (B,) bool
+    drop = conditioning_dropout(context, p, generator) if drop is None else drop  # (B,) bool
     out = dict(cond)
     out["context"] = torch.where(drop[:, None, None], uncond["context"].expand_as(context), context)
     mask, uncond_mask = cond.get("context_mask"), uncond.get("context_mask")

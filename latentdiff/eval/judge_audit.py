@@ -195,14 +195,14 @@ def format_report(report: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .command import add_eval_arguments
+    from .command import add_suite_arguments
 
     parser = argparse.ArgumentParser(prog="judge_audit.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     make = sub.add_parser("make", help="generate, judge and lay out the eval suite's images",
                           conflict_handler="resolve")  # eval's flags, with --out an audit folder
-    add_eval_arguments(make)
+    add_suite_arguments(make)
     make.add_argument("--out", required=True, metavar="AUDIT_DIR", help="folder for images/, sheets/, audit.jsonl")
     make.add_argument("--batch-size", type=int, default=64)
     score = sub.add_parser("score", help="agreement of the judge with AUDIT_DIR/human.jsonl (or --human)")

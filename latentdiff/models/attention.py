@@ -3,8 +3,14 @@
 Module names follow the standard layout (attn1/attn2 with to_q/to_k/to_v/to_out.0, ff.net.0.proj,
 ff.net.2, norm1/2/3, proj_in/proj_out), shared by the CompVis and diffusers checkpoints, so that
 loading either is a key-renaming table.
+
+`recording_cross_attention(model)` is a training-only view into the cross-attention probabilities (for
+the grounding loss of issue 15); outside it every attention runs on F.scaled_dot_product_attention.
 """
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +30,7 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim, query_dim, bias=False)
         self.to_v = nn.Linear(context_dim, query_dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(query_dim, query_dim))
+        self.record: Callable[[torch.Tensor], None] | None = None  # set by recording_cross_attention only
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -36,7 +43,15 @@ class Attention(nn.Module):
             mask = mask[:, None, None, :].to(torch.bool)  # (B, 1, 1, L), broadcast over heads and queries
         if self.upcast:
             q, k, v = q.float(), k.float(), v.float()
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).to(x.dtype)
+        if self.record is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).to(x.dtype)
+        else:  # the same attention, written out so that its probabilities can be kept (with their gradients)
+            scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (B, heads, N, L)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            probs = scores.softmax(-1)
+            self.record(probs)
+            out = (probs.to(v.dtype) @ v).to(x.dtype)
         return self.to_out(out.transpose(1, 2).flatten(2))  # (B, N, C)
 
 
@@ -120,3 +135,23 @@ class SpatialTransformer(nn.Module):
         if not self.linear_projection:
             h = self.proj_out(h)
         return x + h
+
+
+@contextmanager
+def recording_cross_attention(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Within the block, every cross-attention of `model` runs written out (not SDPA) and appends its
+    (B, heads, N, L) probabilities, N = the feature map's H*W, to the list yielded; afterwards none does.
+
+    Training only: not with gradient checkpointing, whose backward recomputes the blocks outside it.
+    """
+    if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        raise ValueError("recording cross-attention does not work with gradient checkpointing")
+    layers = [m.attn2 for m in model.modules() if isinstance(m, BasicTransformerBlock)]
+    maps: list[torch.Tensor] = []
+    for layer in layers:
+        layer.record = maps.append
+    try:
+        yield maps
+    finally:
+        for layer in layers:
+            layer.record = None

@@ -9,6 +9,12 @@
 The config of the model trained here (TextEncoderConfig) sits at the top; a checkpoint file from elsewhere
 brings its own architecture.
 
+Lever (issue 15): `causal=False` makes the text transformer trained here bidirectional. CLIP's causal mask
+lets a token see only the tokens before it, so in "a red circle" the state of 'red' knows nothing of
+'circle', and only the states after the noun can carry the binding that the UNet's cross-attention needs;
+without the mask every state sees the whole prompt (padding stays masked out). Pretrained towers (OpenCLIP
+files, transformers CLIPTextModel) were trained causal and always load causal.
+
 Backends (same interface, same `from_pretrained`):
     OpenCLIPTextEncoder  (text_encoder_openclip.py) an open_clip CLIP model: trained here from a
                          TextEncoderConfig, or loaded from an OpenCLIP checkpoint file (SD 2.x)
@@ -57,6 +63,8 @@ class TextEncoderConfig:
     vision_head_width: int = 32       # head width of the ResNet's attention pool, or of the ViT blocks
     patch_size: int = 4               # ViT only: patch side, (image_size / patch_size)^2 image tokens
     init_logit_scale: float = 2.6593  # log of the initial contrastive temperature 1/0.07
+    causal: bool = True               # text attention: True = CLIP's causal mask; False = bidirectional (each token
+    #                                   sees the whole prompt, padding masked), for a tower trained here from scratch
 
     def __post_init__(self):
         check_choice("model.output_layer", self.output_layer, OUTPUT_LAYERS)

@@ -9,6 +9,10 @@ Two ways in:
 
 The weights keep open_clip's own key names, so a latentdiff folder's model.safetensors is also a
 plain OpenCLIP state dict. A file without `visual.*` keys (a text tower alone) loads text-only.
+
+`config.causal=False` (a tower trained here) drops CLIP's causal mask in `encode_tokens` and masks only the
+padding keys; an OpenCLIP file always loads causal, as it was trained. open_clip's own `clip.encode_text`
+ignores the switch: latentdiff reads the text tower through `encode_tokens` only.
 """
 from __future__ import annotations
 
@@ -112,13 +116,16 @@ class OpenCLIPTextEncoder(TextEncoder):
         clip = self.clip
         length = ids.shape[1]
         x = clip.token_embedding(ids) + clip.positional_embedding[:length]  # (B, L, D)
-        causal = clip.attn_mask[:length, :length]  # (L, L) additive, -inf above the diagonal
+        if self.config.causal:
+            attn_mask = clip.attn_mask[:length, :length]  # (L, L) additive, -inf above the diagonal
+        else:
+            attn_mask = padding_attn_mask(mask, clip.transformer.resblocks[0].attn.num_heads)  # (B * heads, L, L)
         batch_first = getattr(clip.transformer, "batch_first", False)  # open_clip < 2.27 ran (L, B, D)
         h = x if batch_first else x.transpose(0, 1)
         blocks = clip.transformer.resblocks
         keep = len(blocks) - (1 if self.output_layer == "penultimate" else 0)
         for i, block in enumerate(blocks):
-            h = block(h, attn_mask=causal)
+            h = block(h, attn_mask=attn_mask)
             if i == keep - 1:
                 chosen = h
         as_bld = (lambda t: t) if batch_first else (lambda t: t.transpose(0, 1))
@@ -143,8 +150,9 @@ class OpenCLIPTextEncoder(TextEncoder):
         """Training: [-1, 1] images (B, 3, H, W) and tokens -> (unit image features (B, P), unit text
         features (B, P), logit scale), as CLIP.forward.
 
-        The text is cut to the batch's longest prompt first: under the causal mask, padding never
-        changes the tokens before it, so the pooled end-of-text state is the same, at less cost.
+        The text is cut to the batch's longest prompt first: padding never changes the tokens before it
+        (under the causal mask it comes after them; bidirectional, it is masked out as a key), so the
+        pooled end-of-text state is the same, at less cost.
         """
         used = int(mask.sum(1).max())
         text = self.encode_tokens(ids[:, :used], mask[:, :used]).pooled
@@ -189,6 +197,15 @@ class OpenCLIPTextEncoder(TextEncoder):
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith("visual.")}
         load_state_dict_strict(encoder.clip, state_dict, where)
         return encoder.eval()
+
+
+def padding_attn_mask(mask: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, L) 1/0 token mask -> (B * heads, L, L) additive attention mask, -inf on the padding keys: the
+    bidirectional text transformer's only mask (every query sees every prompt token, start to end)."""
+    batch, length = mask.shape
+    blocked = torch.zeros(batch, 1, 1, length, device=mask.device).masked_fill(mask[:, None, None, :] == 0,
+                                                                               float("-inf"))
+    return blocked.expand(batch, heads, length, length).reshape(batch * heads, length, length)
 
 
 def _with_output_layer(config: TextEncoderConfig, output_layer: str) -> TextEncoderConfig:

@@ -8,10 +8,13 @@ captions by the empty prompt (so that classifier-free guidance works), and takes
 Every `train.sample_every` steps the pipeline draws a preview grid of `preview_prompts` (one row each, the
 prompt beside it) and logs its CLIP score by the frozen text encoder's image tower, when it has one.
 The exported UNet records the stages it was trained with and its sampling defaults (stages.py).
+With `objective.grounding_weight` > 0 (shapes data), the cache also holds each named object's mask and
+word tokens, and each step adds the grounding loss on the UNet's cross-attention (diffusion/grounding.py).
 """
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,13 +24,16 @@ from ..batch_random import BatchGenerator, draw
 from ..config import check_choice
 from ..data import DataConfig, build_dataset
 from ..data.images import tensor_to_pil
+from ..data.shapes_grounding import ShapesGrounding
 from ..diffusion import DiffusionLoss, NoiseSchedule, drop_conditioning
-from ..diffusion.losses import ObjectiveConfig
+from ..diffusion.grounding import grounding_loss
+from ..diffusion.losses import ObjectiveConfig, conditioning_dropout
 from ..diffusion.schedules import ScheduleConfig
 from ..errors import ConfigError
 from ..eval.clip_score import clip_score
 from ..grid import prompt_grid
 from ..latent_diffusion import GenerationRequest, LatentDiffusion, seeded_generators
+from ..models.attention import recording_cross_attention
 from ..models.autoencoder import AutoencoderKL
 from ..models.text_encoder import OUTPUT_LAYERS, TextEncoder
 from ..models.unet import UNet, UNetConfig
@@ -67,11 +73,15 @@ class DiffusionTrainingConfig:
 
     def __post_init__(self):
         check_choice("text_layer", self.text_layer, ("", *OUTPUT_LAYERS))
+        if self.objective.grounding_weight > 0 and self.data.source != "shapes":
+            raise ConfigError("objective.grounding_weight needs data.source=shapes: only the built-in shapes "
+                              "know where each object they name lies")
         if self.preview_images < 0:
             raise ConfigError(f"preview_images: must be at least 0, got {self.preview_images}")
 
 
 METRICS = ["loss", "grad_norm", "lr", "clip_score"]
+GROUNDING_METRICS = ["grounding_loss"]  # a column only when grounding is on
 
 
 def load_frozen_stages(cfg: DiffusionTrainingConfig) -> tuple[AutoencoderKL, TextEncoder]:
@@ -135,7 +145,8 @@ def train_diffusion(cfg: DiffusionTrainingConfig, out_dir: str | Path, resume: b
     """Train and checkpoint a text-conditioned UNet into `out_dir`; returns the final measurements."""
     autoencoder, text_encoder = load_frozen_stages(cfg)
     check_fits(cfg, autoencoder, text_encoder)
-    run = TrainingRun(out_dir, cfg, cfg.train, resume=resume, metrics=METRICS)
+    grounding = cfg.objective.grounding_weight > 0
+    run = TrainingRun(out_dir, cfg, cfg.train, resume=resume, metrics=METRICS + GROUNDING_METRICS * grounding)
     unet = UNet(cfg.model)  # first after TrainingRun seeds the global RNG: the same init on every (re)start
     unet, optimizer = run.track("unet", unet, adamw(unet.parameters(), cfg.train))
     autoencoder.to(run.device)
@@ -147,8 +158,10 @@ def train_diffusion(cfg: DiffusionTrainingConfig, out_dir: str | Path, resume: b
         record.check_resume(run.resume_from)
 
     dataset = build_dataset(cfg.data, "train")
+    if grounding:
+        dataset = ShapesGrounding(dataset)
     key = cache_key(cfg.data, dataset, record.stages["autoencoder"].weights_hash,
-                    record.stages["text_encoder"].weights_hash, text_encoder)
+                    record.stages["text_encoder"].weights_hash, text_encoder, grounding=grounding)
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else run.out_dir.parent / "latent_cache"
     # every process encodes its share of the shards; the main one then writes the index
     cache: LatentCache = load_or_build_cache(
@@ -172,13 +185,19 @@ def train_diffusion(cfg: DiffusionTrainingConfig, out_dir: str | Path, resume: b
         generator = run.batch_generator(step_generator(cfg.train.seed, step))
         for batch in micro_batches:
             z = sample_latents(batch, scale_factor, generator)
+            drop = conditioning_dropout(batch["states"], cfg.objective.cond_dropout, generator)
             cond = drop_conditioning({"context": batch["states"], "context_mask": batch["mask"]}, uncond,
-                                     cfg.objective.cond_dropout, generator)
-            with run.autocast():
+                                     cfg.objective.cond_dropout, drop=drop)
+            with run.autocast(), (recording_cross_attention(unet) if grounding else nullcontext()) as maps:
                 loss = objective(unet, z, cond, generator)
-            run.backward(loss)
+                if grounding:  # a dropped caption names nothing
+                    ground = grounding_loss(maps, batch["ground_tokens"] & ~drop[:, None, None],
+                                            batch["ground_masks"], cfg.objective.grounding_min_size)
+            run.backward(loss + cfg.objective.grounding_weight * ground if grounding else loss)
         logs = {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
                 "grad_norm": run.clip_and_step(optimizer, unet)}
+        if grounding:
+            logs["grounding_loss"] = ground.item()
         run.update_ema()
         if run.is_main and cfg.preview_images and cfg.preview_prompts and run.due(step, cfg.train.sample_every):
             model = LatentDiffusion(autoencoder, text_encoder, run.exported_module("unet"), record)

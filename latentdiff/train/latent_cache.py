@@ -6,6 +6,8 @@ streamed by ShardDataset: one cache shard per input shard, holding that shard's 
                             training still draws z = mean + std·ε afresh each time; states (n, l, D) float16 and
                             mask (n, l) bool: each sample's caption tokens, cut to the shard's longest caption (l);
                             uncond_states (1, l, D), uncond_mask (1, l): the empty prompt
+                            with grounding (data/shapes_grounding.py), also ground_masks (n, G, h, w) bool: the
+                            latent cells each named object touches, ground_tokens (n, l, G) bool: its words' tokens
     cache.json              the key, N, the shard files and their row counts, L (the longest l), written last
 
 Each sample keeps its own token states: real captions are nearly all distinct, so a table of distinct
@@ -20,8 +22,9 @@ and renamed; after a barrier process 0 writes cache.json. A folder without cache
 build (a crash): the next build keeps its complete shards and encodes the rest.
 
 The folder's name is a hash of its key: the two encoders' weights hashes (and the text encoder's output
-layer and context length) and the data config (source, size, length, seed, crop, flip, background; for a
-folder of images also its file list, sizes and modification times). A run with the same encoders and
+layer and context length) and the data config (source, size, length, seed, crop, flip, background; the
+shapes levers and grounding only when on, so older caches stay valid; for a folder of images also its file
+list, sizes and modification times). A run with the same encoders and
 data reuses the folder; a changed encoder or data config gets a new one.
 """
 from __future__ import annotations
@@ -39,11 +42,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_write_json, save_tensors
 from ..config import to_dict
+from ..data.shapes_grounding import token_groups
 from ..data.shards import ShardDataset
 from ..data.sources import DataConfig
 from ..errors import CheckpointError
@@ -51,6 +56,7 @@ from ..errors import CheckpointError
 CACHE_VERSION = 2
 KEY_FILE = "cache.json"
 DATA_KEY_FIELDS = ("source", "size", "length", "seed", "crop", "flip", "background")
+LEVER_KEY_FIELDS = ("paraphrase", "multi_object_weight")  # in the key only when not at their defaults
 # Samples per shard. A build holds one shard in memory: 4096 SD-sized samples (64x64x4 latents, 77x768
 # states) are about 1 GB, the shapes preset's (8x8x4, ~16x256) 40 MB.
 SHARD_SIZE = 4096
@@ -77,15 +83,18 @@ def data_fingerprint(dataset: Dataset) -> str | None:
 
 
 def cache_key(data: DataConfig, dataset: Dataset, autoencoder_hash: str, text_encoder_hash: str,
-              text_encoder) -> dict:
+              text_encoder, grounding: bool = False) -> dict:
     """Everything the cached tensors depend on."""
-    data_fields = {k: v for k, v in to_dict(data).items() if k in DATA_KEY_FIELDS}
+    defaults = to_dict(DataConfig())
+    data_fields = {k: v for k, v in to_dict(data).items()
+                   if k in DATA_KEY_FIELDS or (k in LEVER_KEY_FIELDS and v != defaults[k])}
     if data.source != "shapes":
         data_fields["source"] = str(Path(data.source).expanduser().resolve())
         data_fields["files"] = data_fingerprint(dataset)
-    return {"version": CACHE_VERSION, "autoencoder": autoencoder_hash, "text_encoder": text_encoder_hash,
-            "output_layer": text_encoder.output_layer, "context_length": text_encoder.context_length,
-            "samples": None if isinstance(dataset, ShardDataset) else len(dataset), "data": data_fields}
+    key = {"version": CACHE_VERSION, "autoencoder": autoencoder_hash, "text_encoder": text_encoder_hash,
+           "output_layer": text_encoder.output_layer, "context_length": text_encoder.context_length,
+           "samples": None if isinstance(dataset, ShardDataset) else len(dataset), "data": data_fields}
+    return {**key, "grounding": True} if grounding else key
 
 
 def cache_folder(root: str | Path, key: dict) -> Path:
@@ -178,7 +187,8 @@ def complete_shard(path: Path, samples: int | None) -> ShardFile | None:
 
 class LatentCache(Dataset):
     """A finished cache folder, read lazily. Item i is {"mean", "std": (C, h, w) float32, "states": (L, D)
-    float32, "mask": (L,) bool}; a DataLoader batches them into what a training step needs."""
+    float32, "mask": (L,) bool} (with grounding also "ground_masks": (G, h, w) bool, "ground_tokens": (L, G)
+    bool); a DataLoader batches them into what a training step needs."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -217,8 +227,12 @@ class LatentCache(Dataset):
         row = index - self.starts[k]
         shard = self._shard(k)
         mean, std, states, mask = (shard.rows(name, row)[0] for name in ("mean", "std", "states", "mask"))
-        return {"mean": mean, "std": std, "states": pad_tokens(states.float(), self.tokens),
+        item = {"mean": mean, "std": std, "states": pad_tokens(states.float(), self.tokens),
                 "mask": pad_tokens(mask, self.tokens)}
+        if "ground_masks" in shard.tensors:
+            item["ground_masks"] = shard.rows("ground_masks", row)[0]
+            item["ground_tokens"] = pad_tokens(shard.rows("ground_tokens", row)[0], self.tokens)
+        return item
 
     def to(self, device: torch.device | str) -> LatentCache:
         """Move the empty prompt's conditioning to `device` (batches are moved by the training loop)."""
@@ -250,10 +264,15 @@ def stack_tokens(states: list[torch.Tensor], length: int) -> tuple[torch.Tensor,
 
 
 def write_shard(path: Path, means: list[torch.Tensor], stds: list[torch.Tensor], states: list[torch.Tensor],
-                uncond: torch.Tensor) -> None:
+                uncond: torch.Tensor, grounding: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> None:
+    """grounding: (n, G, h, w) masks in batches and each sample's (l_i, G) token groups, or None."""
     length = max(len(s) for s in [*states, uncond])
     tensors = dict(zip(("states", "mask"), stack_tokens(states, length)))
     tensors.update(zip(("uncond_states", "uncond_mask"), stack_tokens([uncond], length)))
+    if grounding is not None:
+        masks, tokens = grounding
+        tensors["ground_masks"] = torch.cat(masks)
+        tensors["ground_tokens"] = torch.stack([pad_tokens(t, length) for t in tokens])
     save_tensors({"mean": torch.cat(means), "std": torch.cat(stds), **tensors}, path)  # temp name, then rename
 
 
@@ -283,6 +302,7 @@ def compute_shards(folder: str | Path, dataset: Dataset, autoencoder, text_encod
     (uncond,) = encode_captions(text_encoder, [""])
     for k in tqdm(todo, desc="caching latents", disable=not progress or len(todo) < 2, dynamic_ncols=True):
         means, stds, captions, table = [], [], [], {}  # table: this shard's distinct captions -> (l, D) states
+        masks, groups = [], []  # grounding only
         for batch in part_batches(dataset, parts, k, batch_size, num_workers):
             posterior = autoencoder.encode(batch["image"].to(device))
             means.append(posterior.mean.float().cpu())
@@ -291,8 +311,13 @@ def compute_shards(folder: str | Path, dataset: Dataset, autoencoder, text_encod
             new = [c for c in dict.fromkeys(batch["caption"]) if c not in table]
             if new:
                 table.update(zip(new, encode_captions(text_encoder, new)))
+            if "object_masks" in batch:  # (B, G, H, W) pixels -> the latent cells each object touches
+                masks.append(F.adaptive_max_pool2d(batch["object_masks"], means[-1].shape[-2:]) > 0)
+                groups += token_groups(text_encoder.tokenize, batch["caption"], batch["object_spans"]).unbind()
         if captions:
-            write_shard(folder / shard_name(k), means, stds, [table[c] for c in captions], uncond)
+            states = [table[c] for c in captions]
+            grounding = (masks, [g[:len(s)] for g, s in zip(groups, states)]) if masks else None
+            write_shard(folder / shard_name(k), means, stds, states, uncond, grounding)
         else:  # every sample of this tar shard is in the other split
             atomic_write_json(folder / empty_name(k), {})
         release_free_memory()

@@ -5,6 +5,14 @@
 The text tower becomes the UNet's text encoder; the image tower stays in the checkpoint as the
 CLIP-score judge. Retrieval (image->text and text->image, top-1 and top-5, over batches of
 distinct held-out captions) is logged every `train.sample_every` steps and measured at the end.
+
+Levers for compositional prompts (issue 15), each off by default:
+    hard_negatives=K     each image also meets K captions of scenes one attribute away from its own
+                         (swapped colours, relation, count, mirrored position, another colour), as extra
+                         image->text negatives, so the states must bind 'red' to its noun
+                         (data/hard_negatives.py, train/contrastive.py); shapes data only
+    model.causal=false   a bidirectional text transformer, so 'red' can see the noun after it
+                         (models/text_encoder.py)
 """
 from __future__ import annotations
 
@@ -14,13 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from open_clip import ClipLoss
 
 from ..data import DataConfig, ShapesDataset, build_dataset
-from ..errors import DataError
+from ..data.hard_negatives import HardNegativeShapes
+from ..errors import ConfigError, DataError
 from ..eval.retrieval import heldout_retrieval, retrieval_ceiling
 from ..models.text_encoder import TextEncoderConfig
 from ..models.text_encoder_openclip import OpenCLIPTextEncoder
+from .contrastive import HardNegativeClipLoss, batch_hard_negatives
 from .loop import TrainConfig, TrainingRun
 from .optim import adamw
 
@@ -35,6 +44,15 @@ class TextEncoderTrainingConfig:
         log_every=25, sample_every=250, checkpoint_every=250))
     eval_batch_size: int = 64         # distinct captions per held-out retrieval batch
     eval_batches: int = 8             # held-out retrieval batches averaged at the end (and every sample_every steps)
+    hard_negatives: int = 0           # shapes only: hard-negative captions per image (scenes one attribute away),
+    #                                   extra image->text negatives of the contrastive loss; 0 = off
+
+    def __post_init__(self):
+        if self.hard_negatives < 0:
+            raise ConfigError(f"hard_negatives: must be at least 0, got {self.hard_negatives}")
+        if self.hard_negatives and self.data.source != "shapes":
+            raise ConfigError(f"hard_negatives: {self.hard_negatives} needs the shapes data (its generator makes "
+                              f"the negatives), not data.source {self.data.source!r}; set hard_negatives=0")
 
 
 RETRIEVAL = ["t2i_top1", "t2i_top5", "i2t_top1", "i2t_top5"]
@@ -63,12 +81,14 @@ def train_text_encoder(cfg: TextEncoderTrainingConfig, out_dir: str | Path, resu
     """Train, checkpoint, and export a CLIP text encoder to `out_dir`; returns the final retrieval scores."""
     run = TrainingRun(out_dir, cfg, cfg.train, resume=resume, metrics=METRICS)
     train_set, heldout_set = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "heldout")
+    if cfg.hard_negatives:
+        train_set = HardNegativeShapes(train_set, cfg.hard_negatives)
     model = OpenCLIPTextEncoder(cfg.model)
     model, optimizer = run.track("model", model, adamw(parameter_groups(model, cfg.train.weight_decay), cfg.train))
     run.use_ema("model")
     accelerator = run.accelerator
-    contrastive = ClipLoss(local_loss=True, gather_with_grad=True, rank=accelerator.process_index,
-                           world_size=accelerator.num_processes)
+    contrastive = HardNegativeClipLoss(local_loss=True, gather_with_grad=True, rank=accelerator.process_index,
+                                       world_size=accelerator.num_processes)
     tokenize = run.unwrap(model).tokenize
     results: dict = {}
 
@@ -91,10 +111,14 @@ def train_text_encoder(cfg: TextEncoderTrainingConfig, out_dir: str | Path, resu
     for step, micro_batches in run.steps(train_set):
         run.set_lr(optimizer, cfg.train.lr, step)
         for batch in micro_batches:
-            ids, mask = (t.to(run.device) for t in tokenize(batch["caption"]))
-            with run.autocast():
+            negatives, valid = batch_hard_negatives(batch)  # B * K captions, image-major; (B, K)
+            ids, mask = (t.to(run.device) for t in tokenize(list(batch["caption"]) + negatives))
+            with run.autocast():  # the negatives go through the same (DDP) forward as the captions
                 image_features, text_features, logit_scale = model(batch["image"], ids, mask)
-                loss = contrastive(image_features, text_features, logit_scale)
+                b, k = valid.shape
+                negative_features = text_features[b:].view(b, k, -1) if k else None  # (B, K, P)
+                loss = contrastive(image_features, text_features[:b], logit_scale, negative_features,
+                                   valid.to(run.device))
             run.backward(loss)
         logs = {"loss": loss.item(), "logit_scale": logit_scale.item(), "lr": optimizer.param_groups[0]["lr"],
                 "grad_norm": run.clip_and_step(optimizer, model)}
