@@ -218,3 +218,35 @@ def test_mismatched_pictures_score_low():
     assert scores["single_object"] < 0.3 and scores["colour_binding"] < 0.3, scores
     with pytest.raises(ValueError):
         score_images(suite, images[:-1])
+
+
+def _square(pixels: np.ndarray, box: tuple[int, int, int, int], left: tuple, right: tuple) -> None:
+    """Paint box (x0, y0, x1, y1) in colour `left` on its left half and `right` on its right half."""
+    x0, y0, x1, y1 = box
+    middle = (x0 + x1) // 2
+    pixels[y0:y1, x0:middle] = left
+    pixels[y0:y1, middle:x1] = right
+
+
+def test_an_object_shaded_between_neighbouring_hues_is_one_object():
+    # generated "yellow" often comes out amber, shading from orange into yellow across one square
+    pixels = np.full((32, 32, 3), 255, dtype=np.uint8)
+    _square(pixels, (8, 8, 24, 24), COLOURS["orange"], COLOURS["yellow"])
+    found = detect_objects(Image.fromarray(pixels))
+    assert [(obj.shape, obj.colour in ("orange", "yellow")) for obj in found] == [("square", True)]
+
+
+def test_touching_objects_of_neighbouring_hues_stay_two():
+    # two squares side by side, one orange, one yellow: the whole is a poor shape, its parts good ones
+    pixels = np.full((32, 32, 3), 255, dtype=np.uint8)
+    pixels[10:20, 4:14] = COLOURS["orange"]
+    pixels[10:20, 14:24] = COLOURS["yellow"]
+    found = sorted((obj.colour, obj.shape) for obj in detect_objects(Image.fromarray(pixels)))
+    assert found == [("orange", "square"), ("yellow", "square")]
+
+
+def test_a_blotch_of_a_distant_hue_is_not_merged():
+    # green and pink are not neighbours on the hue circle: a half-pink "green square" is two colours
+    pixels = np.full((32, 32, 3), 255, dtype=np.uint8)
+    _square(pixels, (8, 8, 24, 24), COLOURS["green"], COLOURS["pink"])
+    assert sorted(obj.colour for obj in detect_objects(Image.fromarray(pixels))) == ["green", "pink"]

@@ -3,6 +3,7 @@
     python scripts/judge_audit.py make --pipeline weights/diffusion --per-category 20 --out audit
     (look at audit/sheets/*.png, write audit/human.jsonl)
     python scripts/judge_audit.py score audit
+    python scripts/judge_audit.py rejudge audit   (after a change to the judge; then score again)
 
 `make` generates the images of `latentdiff eval`'s suite (both splits, the same prompts and seeds,
 so the audited images are the evaluated ones) and writes AUDIT/images/NNNN.png; AUDIT/audit.jsonl,
@@ -40,6 +41,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from ..checkpoint import atomic_write_bytes
 from ..data.shapes import SPLITS
 from ..errors import ConfigError, LatentDiffError
 from ..grid import PAD, label_font
@@ -49,6 +51,7 @@ from .judge_segment import DetectedObject
 
 SHEET_COLUMNS, SHEET_ROWS = 5, 4
 TILE = 128  # side of each image on a contact sheet, pixels
+SUITE_FILE = "suite.json"  # the suite's per_category and seed, so that `rejudge` finds each image's sample
 
 
 def describe(obj: DetectedObject) -> str:
@@ -67,12 +70,11 @@ def make_audit(pipe, out: str | Path, per_category: int, seed: int = 0, batch_si
     for split in SPLITS:
         suite = build_prompt_suite(split, per_category, seed)
         for (category, sample), image in zip(suite, generate_for(pipe, suite, seed, batch_size, **sampling)):
-            verdict = judge_image(image, sample)
             records.append({"id": len(records), "split": split, "category": category, "prompt": sample.caption,
-                            "judge": "pass" if category_correct(category, sample, verdict) else "fail",
-                            "detected": [describe(obj) for obj in verdict.detected]})
+                            **judge_record(category, sample, image)})
             image.save(out / "images" / f"{records[-1]['id']:04d}.png")
             images.append(image)
+    (out / SUITE_FILE).write_text(json.dumps({"per_category": per_category, "seed": seed}) + "\n")
     (out / "audit.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (out / "sheets").mkdir(exist_ok=True)
     per_sheet = SHEET_COLUMNS * SHEET_ROWS
@@ -80,6 +82,35 @@ def make_audit(pipe, out: str | Path, per_category: int, seed: int = 0, batch_si
         chunk = records[k:k + per_sheet]
         sheet = contact_sheet(images[k:k + per_sheet], [f"{r['id']:04d}" for r in chunk], [r["prompt"] for r in chunk])
         sheet.save(out / "sheets" / f"sheet-{k // per_sheet:02d}.png")
+    return records
+
+
+def judge_record(category: str, sample, image) -> dict:
+    """The judge's side of an audit record: its category verdict and what it detected."""
+    verdict = judge_image(image, sample)
+    return {"judge": "pass" if category_correct(category, sample, verdict) else "fail",
+            "detected": [describe(obj) for obj in verdict.detected]}
+
+
+def rejudge_audit(out: str | Path) -> list[dict]:
+    """Judge an audit's saved images again with the judge as it is now (after a fix to it), rewriting
+    audit.jsonl; records whose image is not kept are dropped. The human readings stay valid: same images."""
+    out = Path(out)
+    try:
+        suite_args = json.loads((out / SUITE_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{out / SUITE_FILE}: unreadable ({err}); was the audit made by `make`?") from None
+    suites = {split: build_prompt_suite(split, suite_args["per_category"], suite_args["seed"]) for split in SPLITS}
+    records = []
+    for record in read_jsonl(out / "audit.jsonl"):
+        image_path = out / "images" / f"{record['id']:04d}.png"
+        if not image_path.is_file():
+            continue
+        first = 0 if record["split"] == SPLITS[0] else len(suites[SPLITS[0]])  # ids run through the splits in order
+        category, sample = suites[record["split"]][record["id"] - first]
+        with Image.open(image_path) as image:
+            records.append({**record, **judge_record(category, sample, image.convert("RGB"))})
+    atomic_write_bytes(out / "audit.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
     return records
 
 
@@ -205,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_suite_arguments(make)
     make.add_argument("--out", required=True, metavar="AUDIT_DIR", help="folder for images/, sheets/, audit.jsonl")
     make.add_argument("--batch-size", type=int, default=64)
+    rejudge = sub.add_parser("rejudge", help="judge AUDIT_DIR's images again with the current judge")
+    rejudge.add_argument("audit", metavar="AUDIT_DIR")
     score = sub.add_parser("score", help="agreement of the judge with AUDIT_DIR/human.jsonl (or --human)")
     score.add_argument("audit", metavar="AUDIT_DIR")
     score.add_argument("--human", help="the human verdicts (default: AUDIT_DIR/human.jsonl)")
@@ -223,6 +256,10 @@ def run(args: argparse.Namespace) -> None:
         records = make_audit(load_pipeline(args.pipeline, args.device), args.out, args.per_category, args.seed,
                              args.batch_size, **sampling)
         print(f"{len(records)} images, audit.jsonl and contact sheets in {args.out}")
+        return
+    if args.command == "rejudge":
+        records = rejudge_audit(args.audit)
+        print(f"judged {len(records)} images again; audit.jsonl rewritten")
         return
     records = read_jsonl(Path(args.audit) / "audit.jsonl")
     human = read_human(args.human or Path(args.audit) / "human.jsonl", {r["id"] for r in records})

@@ -39,6 +39,10 @@ _INK_NORMS = np.linalg.norm(_INKS, axis=1)                                 # (8,
 _SIZE_SPLIT = (SIZES["small"] + SIZES["large"]) / 2
 _MIN_BACKGROUND = 160.0  # white balance only when the background is at least this light in every channel
 _NEIGHBOURS_8 = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+# Palette neighbours around the hue circle: a generated object often shades from one into the other
+# (a "yellow" drawn amber, between yellow and orange), which is one object, not two touching ones.
+_HUE_NEIGHBOURS = {frozenset(pair) for pair in (("red", "orange"), ("orange", "yellow"), ("cyan", "blue"),
+                                                 ("blue", "purple"), ("purple", "pink"), ("pink", "red"))}
 
 
 @dataclass(frozen=True)
@@ -114,8 +118,9 @@ def connected_components(mask: np.ndarray) -> list[np.ndarray]:
 
 
 def _coloured_parts(points: np.ndarray, coverage: np.ndarray, cos: np.ndarray,
-                    config: SegmentConfig, min_area: float) -> list[tuple[int, np.ndarray]]:
-    """One component -> [(colour index, points)]: one part, or one per colour holding a real share."""
+                    config: SegmentConfig, min_area: float) -> list[tuple[tuple[int, ...], np.ndarray]]:
+    """One component -> [(colour indices, points)]: one part, or one per colour holding a real share, or
+    one object shaded between two neighbouring hues (its colour first: the one with more coverage)."""
     ys, xs = points[:, 0], points[:, 1]
     labels = cos[ys, xs].argmax(-1)
     weights = coverage[ys, xs, labels]
@@ -123,7 +128,7 @@ def _coloured_parts(points: np.ndarray, coverage: np.ndarray, cos: np.ndarray,
     major = [k for k in np.argsort(-votes)
              if votes[k] >= max(min_area, config.split_share * votes.sum())]
     if len(major) <= 1:
-        return [(int(votes.argmax()), points)]
+        return [((int(votes.argmax()),), points)]
     # Two colours touching: give each pixel to the nearest major colour by angle, then re-split by
     # connectivity, so two same-coloured pieces on either side of the other object stay apart.
     owner = np.array(major)[cos[ys, xs][:, major].argmax(-1)]
@@ -133,7 +138,30 @@ def _coloured_parts(points: np.ndarray, coverage: np.ndarray, cos: np.ndarray,
         mask = np.zeros(cos.shape[:2], dtype=bool)
         mask[mine[:, 0], mine[:, 1]] = True
         parts += [(int(k), part) for part in connected_components(mask)]
-    return parts
+    if _one_shaded_object(points, parts, major, coverage, config):
+        return [(tuple(int(k) for k in major), points)]  # major is sorted by coverage, the larger first
+    return [((k,), part) for k, part in parts]
+
+
+def _own_match(points: np.ndarray, cover_of: np.ndarray, config: SegmentConfig) -> float:
+    """Template IoU of the object made of `points` alone, with per-pixel coverage `cover_of` (H, W)."""
+    cover = np.zeros(cover_of.shape)
+    cover[points[:, 0], points[:, 1]] = cover_of[points[:, 0], points[:, 1]]
+    box = (int(points[:, 1].min()), int(points[:, 0].min()), int(points[:, 1].max()) + 1, int(points[:, 0].max()) + 1)
+    return _best_template(cover, box, config.side_slack, config.blurs)[0]
+
+
+def _one_shaded_object(points: np.ndarray, parts: list[tuple[int, np.ndarray]], major: list[int],
+                       coverage: np.ndarray, config: SegmentConfig) -> bool:
+    """Whether a component split by colour is one object shaded between two neighbouring hues: the whole
+    matches a shape at least as well as its colour parts do (two touching objects are two good shapes and
+    a poor whole; a shaded one is a good whole of poor pieces)."""
+    if len(major) != 2 or frozenset(_NAMES[k] for k in major) not in _HUE_NEIGHBOURS:
+        return False
+    whole = _own_match(points, coverage[..., major].max(-1), config)
+    sizes = np.array([len(part) for _, part in parts], dtype=np.float64)
+    pieces = np.array([_own_match(part, coverage[..., k], config) for k, part in parts])
+    return whole >= float((pieces * sizes).sum() / sizes.sum())
 
 
 @lru_cache(maxsize=2048)
@@ -229,19 +257,20 @@ def detect_objects(image: Image.Image | torch.Tensor | np.ndarray,
     min_area = config.min_area * height * width
     parts = []
     for component in connected_components(ink):
-        parts += [(k, points) for k, points in _coloured_parts(component, coverage, cos, config, min_area)
-                  if coverage[points[:, 0], points[:, 1], k].sum() >= min_area / 2]
+        parts += [(hues, points) for hues, points in _coloured_parts(component, coverage, cos, config, min_area)
+                  if coverage[points[:, 0], points[:, 1], hues[0]].sum() >= min_area / 2]
 
     owner = np.full((height, width), -1)  # which part each ink pixel belongs to
     for i, (_, points) in enumerate(parts):
         owner[points[:, 0], points[:, 1]] = i
     objects = []
-    for i, (k, points) in enumerate(parts):
+    for i, (hues, points) in enumerate(parts):
+        k = hues[0]
         # The object's coverage map: its own pixels and the faint rim around them (edge pixels below
         # the ink threshold, or blurred), but never pixels that belong to another object.
         mine = owner == i
         keep = mine | (_grow(mine, config.rim) & (owner == -1))
-        cover = np.where(keep, coverage[..., k], 0.0)
+        cover = np.where(keep, coverage[..., list(hues)].max(-1), 0.0)  # one hue, or a shaded object's two
         if cover.sum() < min_area:
             continue
         # Half coverage marks a shape's edge whether sharp or blurred (a blur moves the faint rim outward).
