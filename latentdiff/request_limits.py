@@ -92,8 +92,7 @@ def device_memory(device: str | torch.device) -> tuple[int | None, str]:
 
 def generation_memory(spec: PipelineSpec, batch: int, height: int, width: int, guided: bool) -> tuple[int, str]:
     """(bytes, the phase that needs most) to generate `batch` images of height x width pixels with the pipeline
-    `spec` describes (or a loaded pipeline: its `.spec`)."""
-    spec = getattr(spec, "spec", spec)
+    `spec` describes."""
     unet, ae = spec.unet, spec.autoencoder
     f = spec.latent_factor
     pixels = (height // f) * (width // f)  # latent positions, N at level 0

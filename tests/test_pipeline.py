@@ -171,9 +171,10 @@ def test_requests_too_large_for_memory_are_refused_before_any_work(pipe):
     with pytest.raises(ConfigError, match=r"^10000000 image\(s\) of 16x16"):
         pipe.request("a red circle", num_images_per_prompt=10_000_000)
 
-    needed, _ = generation_memory(pipe, 2, 16, 16, guided=True)
-    assert generation_memory(pipe, 4, 16, 16, guided=True)[0] > needed >= generation_memory(pipe, 2, 16, 16, False)[0]
-    assert generation_memory(pipe, 2, 32, 32, guided=True)[0] > needed
+    spec = pipe.spec
+    needed, _ = generation_memory(spec, 2, 16, 16, guided=True)
+    assert generation_memory(spec, 4, 16, 16, guided=True)[0] > needed >= generation_memory(spec, 2, 16, 16, False)[0]
+    assert generation_memory(spec, 2, 32, 32, guided=True)[0] > needed
     pipe.request("a red circle", num_images_per_prompt=2, memory_limit=needed)  # fits exactly
     with pytest.raises(ConfigError, match=f"more than the memory limit of {re.escape(format_bytes(needed - 1))}"):
         pipe.request("a red circle", num_images_per_prompt=2, memory_limit=needed - 1)
