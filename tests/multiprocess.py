@@ -20,16 +20,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def command(processes: int, *args: str) -> list[str]:
-    """`python -m latentdiff ARGS`, under torchrun with `processes` CPU processes when more than one."""
+FLOAT64 = str(Path(__file__).with_name("float64_latentdiff.py"))
+
+
+def command(processes: int, *args: str, float64: bool = False) -> list[str]:
+    """`python -m latentdiff ARGS` (float64: tests/float64_latentdiff.py ARGS), under torchrun with `processes`
+    CPU processes when more than one."""
+    program = [FLOAT64] if float64 else ["-m", "latentdiff"]
     if processes == 1:
-        return [sys.executable, "-m", "latentdiff", *args]
+        return [sys.executable, *program, *args]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr",
-            "127.0.0.1", "--master_port", str(free_port()), "-m", "latentdiff", *args]
+            "127.0.0.1", "--master_port", str(free_port()), *program, *args]
 
 
-def run(processes: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(command(processes, *args), env=ENV, capture_output=True, text=True, timeout=timeout)
+def run(processes: int, *args: str, timeout: float = 300, float64: bool = False) -> subprocess.CompletedProcess:
+    return subprocess.run(command(processes, *args, float64=float64), env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def start(processes: int, *args: str) -> subprocess.Popen:
