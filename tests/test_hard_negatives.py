@@ -16,8 +16,7 @@ from latentdiff.data.hard_negatives import (CHANGED_ATTRIBUTE, HARD_NEGATIVE_KIN
 from latentdiff.data.shapes import (HELDOUT_COLOUR_SHAPES, HELDOUT_RELATIONS, ObjectSpec, ShapesDataset,
                                     canonical_relation, make_sample)
 from latentdiff.data.shapes_captions import caption_sample
-from latentdiff.eval.judge import stated_checks
-from latentdiff.eval.retrieval import shapes_caption_fits
+from latentdiff.data.shapes_fit import shapes_caption_fits, stated_checks
 from latentdiff.train.contrastive import HardNegativeClipLoss, batch_hard_negatives
 from latentdiff.train.text_encoder import TextEncoderTrainingConfig, train_text_encoder
 

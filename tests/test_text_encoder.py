@@ -26,7 +26,7 @@ from latentdiff.checkpoint import save_model_files  # noqa: E402
 from latentdiff.config import ConfigError, apply_overrides  # noqa: E402
 from latentdiff.errors import CheckpointError  # noqa: E402
 from latentdiff.eval import clip_score, distinct_caption_batches, retrieval_accuracy  # noqa: E402
-from latentdiff.eval.retrieval import shapes_caption_fits  # noqa: E402
+from latentdiff.data.shapes_fit import shapes_caption_fits  # noqa: E402
 from latentdiff.models.text_encoder import PromptTruncatedWarning, TextEncoder, TextEncoderConfig  # noqa: E402
 from latentdiff.models.text_encoder_hf import HFCLIPTextEncoder  # noqa: E402
 from latentdiff.models.text_encoder_openclip import OpenCLIPTextEncoder  # noqa: E402

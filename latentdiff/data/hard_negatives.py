@@ -31,10 +31,10 @@ from typing import NamedTuple
 
 from torch.utils.data import Dataset
 
-from ..eval.retrieval import shapes_caption_fits
 from .shapes import (COLOURS, HELDOUT_COLOUR_SHAPES, HELDOUT_RELATIONS, REGIONS, ShapeObject, ShapesDataset,
                      ShapesSample, canonical_relation)
 from .shapes_captions import COUNT_WORDS, caption_sample
+from .shapes_fit import shapes_caption_fits
 
 HARD_NEGATIVE_KINDS = ("colour_swap", "relation_swap", "count", "mirror", "colour")
 CHANGED_ATTRIBUTE = {"colour_swap": "colour", "relation_swap": "relation", "count": "count", "mirror": "region",

@@ -14,7 +14,6 @@ on 2000 samples per split at 32 px).
 from __future__ import annotations
 
 import itertools
-import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -23,7 +22,7 @@ import torch
 from PIL import Image
 
 from ..data.shapes import ShapeObject, ShapesSample, generate_sample, render_sample
-from ..data.shapes_captions import REGION_WORDS, SIZE_WORDS
+from ..data.shapes_fit import stated_checks
 from .judge_segment import DetectedObject, SegmentConfig, detect_objects
 
 _MAX_DETECTIONS = 8        # only the largest detections take part in the pairing (it is brute force)
@@ -56,20 +55,6 @@ def relation_seen(a: DetectedObject | ShapeObject, relation: str, b: DetectedObj
     slack = tolerance * min(ax1 - ax0, ay1 - ay0, bx1 - bx0, by1 - by0)
     gaps = {"above": by0 - ay1, "below": ay0 - by1, "left of": bx0 - ax1, "right of": ax0 - bx1}
     return gaps[relation] >= -slack
-
-
-def _mentions(caption: str, words) -> bool:
-    return any(re.search(rf"\b{re.escape(word)}\b", caption) for word in words)
-
-
-def stated_checks(sample: ShapesSample) -> tuple[bool, bool]:
-    """(position stated, size stated) by the sample's caption. Only single-object captions name a
-    region; a caption built by hand with no text states everything."""
-    if not sample.caption:
-        return sample.kind == "single", True
-    obj = sample.objects[0]
-    position = sample.kind == "single" and _mentions(sample.caption, REGION_WORDS[obj.region][1])
-    return position, _mentions(sample.caption, SIZE_WORDS[obj.size])
 
 
 def _pair_score(want: ShapeObject, got: DetectedObject) -> float:

@@ -12,16 +12,15 @@ the ground truth decides) leave such pairs out, and measure the model rather tha
 """
 from __future__ import annotations
 
-import itertools
 from typing import Callable, Iterable, Sequence
 
 import torch
 
-from ..data.shapes import ShapesDataset, ShapesSample, relation_holds
+from ..data.shapes import ShapesDataset
+from ..data.shapes_fit import shapes_caption_fits
 from ..data.sources import iter_in_order
 from ..errors import DataError
 from ..models.text_encoder import TextEncoder
-from .judge import stated_checks
 
 
 def retrieval_accuracy(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
@@ -60,26 +59,6 @@ def distinct_caption_batches(samples: Iterable[dict], batch_size: int, batches: 
     if not out:
         raise DataError(f"retrieval: fewer than {batch_size} distinct captions in {read} held-out samples")
     return out
-
-
-def shapes_caption_fits(described: ShapesSample, other: ShapesSample) -> bool:
-    """Whether `other`'s picture shows all that `described`'s caption says (by both ground truths).
-
-    "a green star" fits every picture of one green star; "a red circle above a blue square" fits
-    "a blue square below a red circle"; "a yellow square on the left" fits a large or a small one.
-    """
-    if described.kind != other.kind or len(described.objects) != len(other.objects):
-        return False
-    position_stated, size_stated = stated_checks(described)
-    if described.kind == "pair":
-        named = [(o.colour, o.shape) for o in described.objects]
-        if described.relation is None:
-            return sorted(named) == sorted((o.colour, o.shape) for o in other.objects)
-        return any([(a.colour, a.shape), (b.colour, b.shape)] == named and relation_holds(a, described.relation, b)
-                   for a, b in itertools.permutations(other.objects))
-    want, got = described.objects[0], other.objects[0]  # singles, and counts of identical objects
-    return ((want.colour, want.shape) == (got.colour, got.shape) and (not size_stated or want.size == got.size)
-            and (not position_stated or want.region == got.region))
 
 
 def shapes_captions_conflict(a: dict, b: dict) -> bool:
