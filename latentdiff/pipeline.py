@@ -59,8 +59,10 @@ class Text2ImagePipeline(LatentDiffusion):
 
     @classmethod
     def from_stages(cls, autoencoder: AutoencoderKL | str | Path, text_encoder: TextEncoder | str | Path,
-                    unet: UNet | str | Path, *, check: bool = True) -> "Text2ImagePipeline":
-        """Three stages, each a loaded module or a folder; refused (CheckpointError) if they do not belong together."""
+                    unet: UNet | str | Path, *, check: bool = True, image_tower: bool = True) -> "Text2ImagePipeline":
+        """Three stages, each a loaded module or a folder; refused (CheckpointError) if they do not belong together.
+        image_tower=False loads a text encoder folder without CLIP's image tower (generation needs none; a tower
+        trained here then loads without open_clip), so the pipeline cannot compute CLIP scores."""
         paths = {}
         if not isinstance(unet, torch.nn.Module):
             paths["unet"], unet = unet, UNet.from_pretrained(unet)
@@ -69,17 +71,18 @@ class Text2ImagePipeline(LatentDiffusion):
             paths["autoencoder"], autoencoder = autoencoder, AutoencoderKL.from_pretrained(autoencoder)
         if not isinstance(text_encoder, torch.nn.Module):  # read out at the layer the UNet was trained on
             paths["text_encoder"], text_encoder = text_encoder, TextEncoder.from_pretrained(
-                text_encoder, output_layer=record.stages["text_encoder"].output_layer)
+                text_encoder, output_layer=record.stages["text_encoder"].output_layer, image_tower=image_tower)
         if check:
             record.check_stages(unet, autoencoder, text_encoder, autoencoder_path=paths.get("autoencoder"),
                                 text_encoder_path=paths.get("text_encoder"))
         return cls(autoencoder.eval(), text_encoder.eval(), unet.eval(), record)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> "Text2ImagePipeline":
-        """A pipeline folder (pipeline.json + autoencoder/, text_encoder/, unet/) or a diffusion run folder."""
+    def from_pretrained(cls, folder: str | Path, *, image_tower: bool = True) -> "Text2ImagePipeline":
+        """A pipeline folder (pipeline.json + autoencoder/, text_encoder/, unet/) or a diffusion run folder
+        (image_tower: see from_stages)."""
         found = PipelineFolder.find(folder)
-        pipe = cls.from_stages(found.autoencoder, found.text_encoder, found.unet)
+        pipe = cls.from_stages(found.autoencoder, found.text_encoder, found.unet, image_tower=image_tower)
         return pipe if found.sampling is None else pipe.with_sampling(found.sampling)
 
     def save_pretrained(self, folder: str | Path) -> None:

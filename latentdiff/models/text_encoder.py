@@ -16,8 +16,12 @@ without the mask every state sees the whole prompt (padding stays masked out). P
 files, transformers CLIPTextModel) were trained causal and always load causal.
 
 Backends (same interface, same `from_pretrained`):
-    OpenCLIPTextEncoder  (text_encoder_openclip.py) an open_clip CLIP model: trained here from a
-                         TextEncoderConfig, or loaded from an OpenCLIP checkpoint file (SD 2.x)
+    CLIPTowerTextEncoder (text_encoder_clip_tower.py) CLIP's text tower in plain torch (clip_text_tower.py)
+                         and CLIP's BPE tokenizer (clip_bpe.py): a latentdiff folder loaded with
+                         image_tower=False, without importing open_clip (generation: seconds sooner)
+    OpenCLIPTextEncoder  (text_encoder_openclip.py) its subclass over an open_clip CLIP model (text + image
+                         towers): trained here from a TextEncoderConfig, or loaded from an OpenCLIP
+                         checkpoint file (SD 2.x)
     HFCLIPTextEncoder    (text_encoder_hf.py) transformers CLIPTextModel/CLIPModel + CLIPTokenizer
                          from a local folder (SD 1.x)
 
@@ -241,7 +245,8 @@ class TextEncoder(nn.Module):
                            in text_encoder/, or an OpenCLIP checkpoint file (.safetensors/.bin/.pt/.ckpt)
         open_clip_model    the open_clip architecture of a checkpoint file, e.g. "ViT-H-14"
         output_layer       "last" or "penultimate"; default: the saved config's, else "last"
-        image_tower        False drops CLIP's image tower after loading (saves memory; no CLIP score)
+        image_tower        False: no image tower (saves memory and time; no CLIP score); a latentdiff folder
+                           of a tower trained here (no open_clip_model) then loads without open_clip
         allow_pickle       read a pickled weights file (.bin / .pt / .pth / .ckpt, or a transformers folder's
                            pytorch_model.bin) with torch.load(weights_only=True); refused otherwise
         """
@@ -265,6 +270,10 @@ class TextEncoder(nn.Module):
                                   f"encoder folder, or an OpenCLIP checkpoint file")
         info = read_json(config)
         if "kind" in info:
+            saved = info.get("config")
+            if not image_tower and isinstance(saved, dict) and not saved.get("open_clip_model"):
+                from .text_encoder_clip_tower import CLIPTowerTextEncoder
+                return CLIPTowerTextEncoder.from_latentdiff_folder(path, output_layer=output_layer)
             from .text_encoder_openclip import OpenCLIPTextEncoder
             return OpenCLIPTextEncoder.from_latentdiff_folder(path, output_layer=output_layer,
                                                               image_tower=image_tower)

@@ -64,7 +64,7 @@ class PipelineCatalog:
         with self._loading:
             if entry.pipe is None and entry.error is None:
                 try:
-                    entry.pipe = load_pipeline(folder, self.device)
+                    entry.pipe = load_pipeline(folder, self.device, image_tower=False)  # the page only generates
                 except LatentDiffError as err:
                     entry.error = str(err)
         if entry.error is not None:
