@@ -9,7 +9,7 @@ from tiny_stages import TINY_TRAINING
 
 from latentdiff import Text2ImagePipeline, quickstart
 from latentdiff.cli import main
-from latentdiff.config import apply_overrides
+from latentdiff.config import apply_overrides, load_config
 from latentdiff.eval.evaluate import evaluate
 from latentdiff.train.autoencoder import AutoencoderTrainingConfig
 from latentdiff.train.diffusion import DiffusionTrainingConfig
@@ -17,9 +17,13 @@ from latentdiff.train.loop import completed_steps
 from latentdiff.train.text_encoder import TextEncoderTrainingConfig
 
 
-def tiny_plan(root: Path):
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_plan(root: Path, quality: bool = False):
     diffusion = apply_overrides(DiffusionTrainingConfig(), TINY_TRAINING + [
-        f"autoencoder={root / 'autoencoder'}", f"text_encoder={root / 'text_encoder'}", "train.steps=4"])
+        f"autoencoder={root / 'autoencoder'}", f"text_encoder={root / 'text_encoder'}",
+        f"train.steps={8 if quality else 4}"])
     return [("autoencoder", quickstart.train_autoencoder, apply_overrides(AutoencoderTrainingConfig(), TINY_AE)),
             ("text_encoder", quickstart.train_text_encoder, apply_overrides(TextEncoderTrainingConfig(), TINY_TE)),
             ("diffusion", quickstart.train_diffusion, diffusion)]
@@ -38,6 +42,20 @@ def test_quickstart_trains_everything_then_skips_what_is_done(tmp_path, monkeypa
     assert main(["quickstart", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert out.count("already trained") == 3
+
+    # --quality: the finished UNet continues to the longer preset; the other stages are done
+    assert main(["quickstart", "--out", str(tmp_path), "--quality"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("already trained") == 2 and "diffusion: resuming at step 4 (8 steps)" in out
+    assert completed_steps(tmp_path / "diffusion") == 8
+
+
+@pytest.mark.parametrize("quality, preset", [(False, "shapes.yaml"), (True, "quality.yaml")])
+def test_the_quickstart_trains_the_shipped_diffusion_presets(quality, preset, tmp_path):
+    diffusion = dict((name, cfg) for name, _, cfg in quickstart.quickstart_plan(tmp_path, quality))["diffusion"]
+    shipped = load_config(DiffusionTrainingConfig, ROOT / "configs" / "diffusion" / preset)
+    assert diffusion == apply_overrides(shipped, {"autoencoder": str(tmp_path / "autoencoder"),
+                                                  "text_encoder": str(tmp_path / "text_encoder")})
 
 
 @pytest.mark.slow
