@@ -50,6 +50,17 @@ def test_bpe_gives_open_clip_token_ids():
     assert clip_bpe() is ours  # read once per process
 
 
+def test_bpe_decodes_as_open_clip_does():
+    reference, ours = open_clip.SimpleTokenizer(), clip_bpe()
+    for prompt in PROMPTS:
+        ids = [ours.start_id, *ours.encode(prompt), ours.end_id]
+        assert ours.decode(ids) == reference.decode(ids), prompt
+    rng = random.Random(0)  # any ids, a character's UTF-8 bytes split between tokens included
+    for _ in range(200):
+        ids = [rng.randrange(49408) for _ in range(rng.randrange(1, 12))]
+        assert ours.decode(ids) == reference.decode(ids), ids
+
+
 def test_plain_ascii_skips_ftfy_without_changing_anything():
     """Printable ASCII without '&', plus tab and line breaks, is cleaned the same with or without
     ftfy.fix_text; what the rule leaves out really differs without it."""

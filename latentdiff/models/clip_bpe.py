@@ -74,7 +74,7 @@ def clean(text: str) -> str:
 
 
 class CLIPBPE:
-    """The tokenizer of one vocabulary file: `encode(text)` -> token ids."""
+    """The tokenizer of one vocabulary file: `encode(text)` -> token ids, `decode(ids)` -> text."""
 
     def __init__(self, path: str | Path):
         with gzip.open(path) as file:
@@ -87,6 +87,8 @@ class CLIPBPE:
         vocab = [*symbols, *(s + WORD_END for s in symbols), *("".join(pair) for pair in merges),
                  START_OF_TEXT, END_OF_TEXT]
         self.ids = {token: i for i, token in enumerate(vocab)}  # a repeated token keeps its last id, as open_clip
+        self.tokens = vocab
+        self.char_byte = {c: b for b, c in self.byte_char.items()}
         self.ranks = {pair: i for i, pair in enumerate(merges)}  # lower rank: merged first
         self.start_id, self.end_id = self.ids[START_OF_TEXT], self.ids[END_OF_TEXT]  # 49406, 49407
         self.word_symbols = lru_cache(maxsize=1 << 16)(self._word_symbols)  # prompts repeat their words
@@ -94,6 +96,21 @@ class CLIPBPE:
     def encode(self, text: str) -> list[int]:
         """The token ids of `text` (without start and end)."""
         return [self.ids[symbol] for word in WORD_PATTERN.findall(clean(text)) for symbol in self.word_symbols(word)]
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of token ids (cleaned, as encode saw it), as open_clip decodes: each word-final token ends
+        with a space, start/end tokens are their names. The bytes are joined before decoding: one character's
+        UTF-8 bytes may lie in two tokens."""
+        raw = bytearray()
+        for i in ids:
+            token = self.tokens[i]
+            if token in (START_OF_TEXT, END_OF_TEXT):
+                raw += token.encode()
+                continue
+            end = token.endswith(WORD_END)
+            raw += bytes(self.char_byte[c] for c in (token[:-len(WORD_END)] if end else token))
+            raw += b" " if end else b""
+        return raw.decode("utf-8", errors="replace")
 
     def _word_symbols(self, word: str) -> tuple[str, ...]:
         """A word's BPE symbols: one per UTF-8 byte (the last one word-final), then, again and again, every
