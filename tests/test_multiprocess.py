@@ -18,7 +18,7 @@ from tiny_stages import TINY_TRAINING, save_autoencoder, save_text_encoder
 
 # ||Δw|| / ||w|| per tensor after 20 steps. The gap is float noise (the gradient averaged over two processes
 # sums in another order than one batch of twice the size), grown by 20 steps of Adam. Measured on an AMD EPYC
-# (AVX-512): autoencoder 6.8e-6, text encoder 9.2e-6, diffusion 1.7e-5 (LayerNorm biases of norm 0.004 before
+# (AVX-512): autoencoder 3.4e-6, text encoder 9.2e-6, diffusion 1.7e-5 (LayerNorm biases of norm 0.004 before
 # cross-attention, which start at 0; every other UNet tensor <= 1e-5). That is float32's floor, not a
 # difference in what is computed: one process run twice, once on AVX2 kernels, differs by 1.9e-5 on the same
 # UNet tensors (autoencoder 1.2e-4), and in float64 the two launches agree to 1e-11 (the float64 test below).
