@@ -18,6 +18,7 @@ DEFAULT_OUT = {
     "train-autoencoder": "weights/autoencoder",
     "train-text-encoder": "weights/text_encoder",
     "train-diffusion": "weights/diffusion",
+    "distill": "weights/distilled",
 }
 
 
@@ -45,7 +46,7 @@ def training_config(config_class: type, args: argparse.Namespace):
     overrides = dict(parse_override(o) for o in args.overrides)
     flags = {"data.source": args.data, "train.steps": args.steps, "train.batch_size": args.batch_size}
     overrides.update({k: v for k, v in flags.items() if v is not None})
-    if config_file is None and overrides.get("data.source", "shapes") != "shapes":
+    if config_file is None and overrides.get("data.source", "shapes") != "shapes" and args.command.startswith("train-"):
         stage = Path(DEFAULT_OUT[args.command]).name  # autoencoder, text_encoder, diffusion
         print(f"no --config: using the shapes preset (the {config_class.__name__} defaults) on your data; "
               f"for 64-px images of your own try --config configs/{stage}/folder64.yaml")
@@ -80,6 +81,21 @@ def run_train_diffusion(args: argparse.Namespace) -> None:
     train_diffusion(cfg, args.out, resume=args.resume)
 
 
+def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--teacher", metavar="DIR", help="trained diffusion run or pipeline folder to distil")
+    add_training_arguments(parser, "distill")
+
+
+def run_distill(args: argparse.Namespace) -> None:
+    from .config import apply_overrides
+    from .train.distill import DistillConfig, distill
+
+    cfg = training_config(DistillConfig, args)
+    if args.teacher is not None:
+        cfg = apply_overrides(cfg, {"teacher": args.teacher})
+    distill(cfg, args.out, resume=args.resume)
+
+
 def deferred(module: str, add_arguments: str, run: str, run_module: str | None = None) -> tuple[Callable, Callable]:
     """A command whose modules load only when it is used, so that `latentdiff --help` starts at once.
     `module` defines the arguments without importing torch (tests/test_cli_help.py), so that `latentdiff
@@ -98,6 +114,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
                            lambda p: add_training_arguments(p, "train-text-encoder"), run_train_text_encoder),
     "train-diffusion": ("train the text-conditioned UNet on the frozen stages 1 and 2 (stage 3)",
                         add_diffusion_arguments, run_train_diffusion),
+    "distill": ("distil a trained UNet into a few-step student with guidance built in (latent consistency "
+                "distillation; sample it with the lcm sampler)", add_distill_arguments, run_distill),
     "generate": ("generate images from prompts (PNGs carry their parameters)",
                  add_generate_arguments, run_generate),
     "eval": ("score a pipeline: shapes judge per category (train and held-out compositions), FID, CLIP score",

@@ -16,6 +16,7 @@ from .generation_request import resolve_request
 from .grid import prompt_grid
 from .pipeline_spec import PipelineSpec
 from .png_info import GenerationParams, read_png_params, save_png
+from .sampling_config import SAMPLER_NAMES
 
 DEFAULT_PIPELINE = "weights/diffusion"
 DEFAULT_OUT = "outputs"
@@ -28,7 +29,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--negative", default=None, help="negative prompt (replaces the empty prompt in guidance)")
     parser.add_argument("--steps", type=int, help="sampling steps (default: the pipeline's)")
     parser.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the pipeline's)")
-    parser.add_argument("--sampler", help="ddim, ddpm, euler, euler_a, heun or dpmpp_2m (default: the pipeline's)")
+    parser.add_argument("--sampler", help=f"{', '.join(SAMPLER_NAMES)} (default: the pipeline's)")
     parser.add_argument("--seed", type=int, help="seed of the first image; image k uses seed + k (default: random)")
     parser.add_argument("--n", type=int, default=1, help="images per prompt")
     parser.add_argument("--size", help="WxH in pixels, multiples of the latent factor (default: the training size)")

@@ -166,6 +166,18 @@ def sample_dpmpp_2m(denoiser, x, sigmas, *, cond, generator=None, callback=None)
     return x
 
 
+@torch.no_grad()
+def sample_lcm(denoiser, x, sigmas, *, cond, generator=None, callback=None):
+    """Multistep consistency sampling (Song et al. 2023, alg. 1; the LCM scheduler): jump to x0 = D(x, σ), then
+    noise it afresh to σ_next. Made for a consistency-distilled student (train/distill.py), whose D lands on
+    the end of the ODE trajectory from any σ; with an ordinary model it is ancestral sampling with σ_down = 0."""
+    for i, sigma, sigma_next, sigma_in in _steps(x, sigmas):
+        x = _denoise(denoiser, x, sigma_in, cond, callback, i, sigma)
+        if sigma_next > 0:
+            x = x + _noise_like(x, generator) * sigma_next
+    return x
+
+
 SAMPLERS: dict[str, Callable] = {
     "ddpm": sample_ddpm,
     "ddim": sample_ddim,
@@ -173,6 +185,7 @@ SAMPLERS: dict[str, Callable] = {
     "euler_a": sample_euler_ancestral,
     "heun": sample_heun,
     "dpmpp_2m": sample_dpmpp_2m,
+    "lcm": sample_lcm,
 }
 
 # The names a check reads without importing this module (and torch); the two lists must agree.

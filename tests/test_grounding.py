@@ -172,6 +172,23 @@ def test_training_with_grounding_logs_its_loss(tmp_path):
     assert "grounding" not in (tmp_path / "off" / "metrics.csv").read_text()
 
 
+def test_grounding_waits_for_its_start_step(tmp_path):
+    """Before objective.grounding_start a step is a plain denoising step: the weights after it are those of a
+    run without grounding; from that step on the grounding loss is logged (and changes the weights)."""
+    ae, te = save_autoencoder(tmp_path / "ae"), save_text_encoder(tmp_path / "te")
+    common = ["train.steps=3", "train.sample_every=100", "model.attention_levels=[0,1]", "train.ema_decay=0"]
+    runs = {}
+    for name, extra in (("plain", []), ("late", ["objective.grounding_weight=0.5", "objective.grounding_start=2"]),
+                        ("never", ["objective.grounding_weight=0.5", "objective.grounding_start=3"])):
+        train_diffusion(tiny_training_config(ae, te, *common, *extra, f"cache_dir={tmp_path / 'cache'}"),
+                        tmp_path / name)
+        runs[name] = UNet.from_pretrained(tmp_path / name).state_dict()
+    assert all(torch.equal(runs["never"][k], v) for k, v in runs["plain"].items())
+    assert any(not torch.equal(runs["late"][k], v) for k, v in runs["plain"].items())
+    rows = [r.split(",") for r in (tmp_path / "late" / "metrics.csv").read_text().splitlines()]
+    assert rows[0][-1] == "grounding_loss" and [r[-1] != "" for r in rows[1:]] == [False, False, True]
+
+
 def test_grounding_needs_the_shapes_data():
     with pytest.raises(ConfigError, match="grounding"):
         apply_overrides(DiffusionTrainingConfig(), ["objective.grounding_weight=1", "data.source=photos/"])

@@ -20,12 +20,13 @@ from latentdiff.models.text_encoder_openclip import OpenCLIPTextEncoder
 from latentdiff.models.unet import UNet
 from latentdiff.train.autoencoder import AutoencoderTrainingConfig
 from latentdiff.train.diffusion import DiffusionTrainingConfig
+from latentdiff.train.distill import DistillConfig
 from latentdiff.train.text_encoder import TextEncoderTrainingConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 STAGES = {"autoencoder": AutoencoderTrainingConfig, "text_encoder": TextEncoderTrainingConfig,
-          "diffusion": DiffusionTrainingConfig}
+          "diffusion": DiffusionTrainingConfig, "distill": DistillConfig}
 PRESETS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "accelerate")
 # 2 steps of each stage on shapes at 64 px, batch 2. At full width they took 8, 15 and 42 s of training on 2
 # shared cores (the UNet 6.6 GB of memory and a 4 GB checkpoint), so the widths shrink here; depths, levels,

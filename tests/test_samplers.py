@@ -14,6 +14,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    LCMScheduler,
 )
 
 from latentdiff.config import apply_overrides
@@ -186,6 +187,7 @@ DIFFUSERS = {
     "euler_a": EulerAncestralDiscreteScheduler,
     "heun": HeunDiscreteScheduler,
     "dpmpp_2m": DPMSolverMultistepScheduler,
+    "lcm": LCMScheduler,
 }
 SIGMA_SPACE = {"euler", "euler_a", "heun"}
 
@@ -203,6 +205,11 @@ def diffusers_scheduler(name, prediction, spacing, **extra):
         kwargs.update(set_alpha_to_one=True)  # the last step lands on σ = 0, as ours do
     if name == "dpmpp_2m":
         kwargs.update(algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero")
+    if name == "lcm":
+        # LCM's boundary scalings c_skip = 0.25/((t·s)² + 0.25), c_out ≈ 1 - c_skip are ours (1 and 0 except at
+        # σ = 0, which an ε Denoiser meets exactly) as the timestep scaling s grows; its steps come from its own
+        # 50-step grid, and both sides walk diffusers' timesteps here
+        kwargs.update(timestep_scaling=1e5)
     sched = DIFFUSERS[name](**kwargs)
     sched.set_timesteps(STEPS)
     return sched
@@ -210,7 +217,7 @@ def diffusers_scheduler(name, prediction, spacing, **extra):
 
 def diffusers_sigmas(name, sched):
     """The sigma sequence, ending with 0, that diffusers' loop walks through."""
-    if name in ("ddpm", "ddim"):
+    if name in ("ddpm", "ddim", "lcm"):
         alpha_bar = sched.alphas_cumprod.double()[sched.timesteps]
         sigmas = ((1 - alpha_bar) / alpha_bar).sqrt()
         return torch.cat([sigmas, sigmas.new_zeros(1)])
@@ -228,7 +235,7 @@ def run_diffusers(name, sched, x, sigma_max, context, generator, eta):
         model_in = x if vp else sched.scale_model_input(x, t)
         out = fake_net(model_in, t, context)
         extra = {"eta": eta} if name == "ddim" else {}
-        if name in ("ddpm", "ddim", "euler_a"):
+        if name in ("ddpm", "ddim", "euler_a", "lcm"):
             extra["generator"] = generator
         x = sched.step(out, t, x, **extra).prev_sample
     return x  # σ = 0 at the end, where VP and sigma space coincide

@@ -6,7 +6,8 @@ settings (timestep_spacing, steps_offset, Karras sigmas); the scheduler class pi
 where latentdiff has the same algorithm, else DPM++ 2M. Export writes the diffusers scheduler that runs
 our default sampler with our spacing. Deliberate difference: our DDIM always ends at σ = 0; diffusers'
 DDIM with set_alpha_to_one=false (SD's setting) stops one step short, at ᾱ_0 (σ ≈ 0.03 for SD), so
-export writes set_alpha_to_one=true.
+export writes set_alpha_to_one=true. diffusers' LCMScheduler takes its steps from a 50-step grid (4 steps:
+t = 999, 759, 499, 259), where our lcm sampler takes them from the spacing (trailing: 999, 749, 499, 249).
 """
 from __future__ import annotations
 
@@ -18,12 +19,12 @@ from .mapping import check_fixed
 SAMPLER_SCHEDULERS = {  # our sampler -> the diffusers scheduler that runs the same algorithm
     "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "euler": "EulerDiscreteScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler", "heun": "HeunDiscreteScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler"}
+    "dpmpp_2m": "DPMSolverMultistepScheduler", "lcm": "LCMScheduler"}
 FALLBACK_SAMPLER = "dpmpp_2m"
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 # diffusers' default timestep_spacing per scheduler class, for configs that do not name one
-_LEADING_BY_DEFAULT = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "DDIMParallelScheduler")
+_LEADING_BY_DEFAULT = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "DDIMParallelScheduler", "LCMScheduler")
 # diffusers' default beta settings, for configs that do not name them
 _DIFFUSERS_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
 # DPM-Solver variants other than the multistep 2nd-order DPM-Solver++ that our dpmpp_2m is
@@ -82,7 +83,7 @@ def schedule_to_diffusers(schedule: ScheduleConfig, prediction: str, sampling: S
     if sampling.spacing == "karras":
         config["use_karras_sigmas"] = True
     # latents are not pixels: never clip or threshold the predicted x0 (see diffusion/denoiser.py)
-    if sampling.sampler in ("ddim", "ddpm"):
+    if sampling.sampler in ("ddim", "ddpm", "lcm"):
         config.update(clip_sample=False, thresholding=False)
     if sampling.sampler == "ddim":
         config["set_alpha_to_one"] = True

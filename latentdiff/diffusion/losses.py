@@ -32,6 +32,8 @@ class ObjectiveConfig:
     # the object's mask (diffusion/grounding.py). 0 = off, and then nothing of it runs.
     grounding_weight: float = 0.0     # weight of the grounding loss added to the denoising loss
     grounding_min_size: int = 4       # cross-attention on feature maps smaller than this on a side is left out
+    # a warm-up: grounding from this step on, once the UNet places single objects (~1,700 steps on the preset)
+    grounding_start: int = 0
 
     def __post_init__(self):
         get_prediction(self.prediction, "objective.prediction")  # a name in PREDICTIONS, else ConfigError
@@ -44,6 +46,8 @@ class ObjectiveConfig:
             raise ConfigError(f"objective.cond_dropout: must be in [0, 1], got {self.cond_dropout}")
         if self.grounding_weight < 0:
             raise ConfigError(f"objective.grounding_weight: must be at least 0, got {self.grounding_weight}")
+        if self.grounding_start < 0:
+            raise ConfigError(f"objective.grounding_start: must be at least 0, got {self.grounding_start}")
         if self.grounding_min_size < 1:
             raise ConfigError(f"objective.grounding_min_size: must be at least 1, got {self.grounding_min_size}")
 

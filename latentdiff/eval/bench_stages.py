@@ -3,7 +3,8 @@
 Rows: the GEMM peak (fp32 and bf16 `torch.mm`, measured first on the same device), the autoencoder,
 text-encoder and UNet training steps (forward + loss + backward, no optimizer), the UNet forward, the VAE
 decode and end-to-end generation (DPM++ 2M against diffusers' StableDiffusionPipeline loaded from our
-pipeline exported to diffusers format, the same prompts and initial noise). Weights are random, built from
+pipeline exported to diffusers format, the same prompts and initial noise; and our pipeline sampling as
+a distilled student does, 4 unguided steps, against the same diffusers call). Weights are random, built from
 the shapes presets with no zero layer, so that the twins' outputs differ where their arithmetic does.
 
 In bf16 (or fp16) the autoencoder and text-encoder steps run as their trainers' mixed precision does (fp32
@@ -45,6 +46,10 @@ class Workload:
     guidance_scale: float = 5.0
     sampler: str = "dpmpp_2m"        # diffusers' DPMSolverMultistepScheduler in the export
     spacing: str = "trailing"        # where both space timesteps alike (diffusers' DPM++ has its own "leading")
+
+
+# how a distilled student (train/distill.py) samples by default: one unguided UNet call per step
+STUDENT_SAMPLING = {"sampler": "lcm", "num_inference_steps": 4, "guidance_scale": 1.0}
 
 
 def shapes_workload() -> Workload:
@@ -186,9 +191,11 @@ def random_pipeline(workload: Workload):
                              image_size=cfg.data.size, source="latentdiff bench (random weights)")
 
 
-def generation(workload: Workload, pipe, repeats: int, device: torch.device, dtype: torch.dtype) -> Row:
+def generation(workload: Workload, pipe, repeats: int, device: torch.device, dtype: torch.dtype) -> list[Row]:
     """`pipe` against diffusers' StableDiffusionPipeline read from its diffusers export: the same prompts,
-    steps, guidance, and initial noise (seed k for image k, drawn as our pipeline draws it)."""
+    steps, guidance, and initial noise (seed k for image k, drawn as our pipeline draws it); then, against the
+    same diffusers call, `pipe` as a distilled student samples (STUDENT_SAMPLING: the architecture is the
+    student's, so this is the time a student takes; its images are not diffusers', so no difference is shown)."""
     from ..latent_diffusion import seeded_generators
     from ..samplers import randn_per_sample
 
@@ -196,8 +203,10 @@ def generation(workload: Workload, pipe, repeats: int, device: torch.device, dty
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
     options = {"num_inference_steps": workload.steps, "guidance_scale": workload.guidance_scale,
                "output_type": "np"}
-    calls = {"latentdiff": lambda: pipe(prompts, seed=0, height=size, width=size, **options).images}
-    name = f"generation ({workload.steps} steps {workload.sampler}, cfg {workload.guidance_scale:g})"
+    same = {"latentdiff": lambda: pipe(prompts, seed=0, height=size, width=size, **options).images}
+    student = {"latentdiff": lambda: pipe(prompts, seed=0, height=size, width=size, output_type="np",
+                                          **STUDENT_SAMPLING).images}
+    settings = f"{workload.steps} steps {workload.sampler}, cfg {workload.guidance_scale:g}"
     diffusers = quiet_diffusers()
     with tempfile.TemporaryDirectory() as tmp:
         if diffusers is not None:
@@ -212,8 +221,12 @@ def generation(workload: Workload, pipe, repeats: int, device: torch.device, dty
             twin.set_progress_bar_config(disable=True)
             noise = randn_per_sample(pipe.latent_shape(batch, size, size), seeded_generators(list(range(batch))),
                                      dtype=dtype, device=device)  # (B, C, h, w), as our pipeline draws it
-            calls["diffusers"] = lambda: twin(prompts, latents=noise, height=size, width=size, **options).images
-        return _row(name, batch, calls, repeats, device, lambda a, b: float(np.abs(a - b).max()))
+            same["diffusers"] = student["diffusers"] = (
+                lambda: twin(prompts, latents=noise, height=size, width=size, **options).images)
+        return [_row(f"generation ({settings})", batch, same, repeats, device, lambda a, b: float(np.abs(a - b).max())),
+                _row(f"generation, student (ours: {STUDENT_SAMPLING['num_inference_steps']} steps "
+                     f"{STUDENT_SAMPLING['sampler']}, no guidance; diffusers: {settings})", batch, student, repeats,
+                     device)]
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -244,7 +257,7 @@ def bench_all(workload: Workload, unet_case: BenchCase, unet_batch: int | None =
     pipe = random_pipeline(workload).to(dev, dtype)
     latent_size = workload.diffusion.data.size // pipe.autoencoder.downsample_factor
     rows.append(vae_decode(pipe.autoencoder, workload.generation_batch, latent_size, repeats, dev, dtype))
-    rows.append(generation(workload, pipe, repeats, dev, dtype))
+    rows.extend(generation(workload, pipe, repeats, dev, dtype))
     return BenchTable(list(peaks.values()), rows, peaks[dtype], device, _name(dtype), repeats, gemm_size)
 
 

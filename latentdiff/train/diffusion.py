@@ -9,7 +9,8 @@ Every `train.sample_every` steps the pipeline draws a preview grid of `preview_p
 prompt beside it) and logs its CLIP score by the frozen text encoder's image tower, when it has one.
 The exported UNet records the stages it was trained with and its sampling defaults (stages.py).
 With `objective.grounding_weight` > 0 (shapes data), the cache also holds each named object's mask and
-word tokens, and each step adds the grounding loss on the UNet's cross-attention (diffusion/grounding.py).
+word tokens, and each step from `objective.grounding_start` on adds the grounding loss on the UNet's
+cross-attention (diffusion/grounding.py).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -44,6 +46,11 @@ from .loop import TrainConfig, TrainingRun
 from .optim import adamw
 
 
+# drawn every train.sample_every steps, one row each (the UNet trainers' default)
+PREVIEW_PROMPTS = ("a red circle in the top left", "a blue square in the center", "a green triangle in the bottom right",
+                   "a yellow star", "two purple diamonds", "an orange cross above a cyan circle")
+
+
 @dataclass(frozen=True)
 class DiffusionTrainingConfig:
     autoencoder: str = ""             # trained stage-1 folder (--autoencoder); frozen, encodes images to latents
@@ -68,9 +75,7 @@ class DiffusionTrainingConfig:
     # DPM++ 2M with this spacing falls apart below 20 steps (0.34 / 0.35 at 8)
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(sampler="euler", steps=10,
                                                                             guidance_scale=5.0))
-    preview_prompts: tuple[str, ...] = (
-        "a red circle in the top left", "a blue square in the center", "a green triangle in the bottom right",
-        "a yellow star", "two purple diamonds", "an orange cross above a cyan circle")
+    preview_prompts: tuple[str, ...] = PREVIEW_PROMPTS
     preview_images: int = 4           # images per preview prompt (seeds 0, 1, ...)
     cache_dir: str = ""               # latent + text cache root ("" = latent_cache/ beside the run folder)
 
@@ -128,6 +133,24 @@ def sample_latents(batch: dict, scale_factor: float, generator: BatchGenerator) 
     return (mean + std * noise) * scale_factor
 
 
+def open_latent_cache(cfg, run: TrainingRun, record: UNetRecord, autoencoder: AutoencoderKL,
+                      text_encoder: TextEncoder, grounding: bool = False) -> LatentCache:
+    """The latent + text cache of `cfg.data` under these stages (built on first use, under `cfg.cache_dir` or
+    latent_cache/ beside the run folder), on the run's device; every process encodes its share of the
+    shards and the main one then writes the index."""
+    dataset = build_dataset(cfg.data, "train")
+    if grounding:
+        dataset = ShapesGrounding(dataset)
+    key = cache_key(cfg.data, dataset, record.stages["autoencoder"].weights_hash,
+                    record.stages["text_encoder"].weights_hash, text_encoder, grounding=grounding)
+    cache_root = Path(cfg.cache_dir) if cfg.cache_dir else run.out_dir.parent / "latent_cache"
+    cache = load_or_build_cache(
+        cache_root, dataset, key, autoencoder, text_encoder, rank=run.accelerator.process_index,
+        world_size=run.accelerator.num_processes, barrier=run.accelerator.wait_for_everyone,
+        batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers, log=run.print, progress=run.is_main)
+    return cache.to(run.device)
+
+
 def save_preview(model: LatentDiffusion, cfg: DiffusionTrainingConfig, path: Path) -> tuple[torch.Tensor, list[str]]:
     """One row per preview prompt, written beside it, `preview_images` seeds per row (seeds 0, 1, ..., the same
     every time), drawn with the run's default sampling settings; returns the (B, 3, H, W) images and prompts."""
@@ -142,6 +165,38 @@ def save_preview(model: LatentDiffusion, cfg: DiffusionTrainingConfig, path: Pat
     model.unet.train(was_training)
     prompt_grid([tensor_to_pil(image) for image in images], prompts, columns=n, scale=2).save(path)
     return images, prompts
+
+
+def preview_if_due(run: TrainingRun, cfg, step: int, model: LatentDiffusion, logs: dict) -> None:
+    """Every `train.sample_every` steps, on the main process: the preview grid (save_preview) into samples/,
+    and its CLIP score into `logs` when the text encoder has an image tower (a cheap measure of prompt
+    following)."""
+    if not (run.is_main and cfg.preview_images and cfg.preview_prompts and run.due(step, cfg.train.sample_every)):
+        return
+    images, prompts = save_preview(model, cfg, run.samples_dir / f"preview-{step + 1:07d}.png")
+    if model.text_encoder.has_image_tower:
+        logs["clip_score"] = clip_score(model.text_encoder, images, prompts).mean().item()
+
+
+def finish_step(run: TrainingRun, cfg, step: int, logs: dict, model: LatentDiffusion, results: dict, start: float,
+                export: Callable[[Path], None]) -> None:
+    """The end of a UNet training step: the EMA update, a preview when due, the metrics row, the final
+    results on the last step (into `results`, before `export` writes them) and a checkpoint when due."""
+    run.update_ema()
+    preview_if_due(run, cfg, step, model, logs)
+    run.log(step, logs)
+    if step + 1 == cfg.train.steps:
+        results.update(final_loss=round(logs["loss"], 6), train_minutes=round((time.time() - start) / 60, 2))
+    run.maybe_checkpoint(step, export)
+
+
+def report(run: TrainingRun, cfg, results: dict, done: str) -> dict:
+    """Print how the run ended ("<done> N steps in M min", or that it had already finished); returns `results`."""
+    if results:
+        run.print(f"{done} {cfg.train.steps} steps in {results['train_minutes']} min; saved to {run.out_dir}")
+    else:
+        run.print(f"nothing to do: {run.out_dir} already finished {cfg.train.steps} steps")
+    return results
 
 
 def train_diffusion(cfg: DiffusionTrainingConfig, out_dir: str | Path, resume: bool = False) -> dict:
@@ -160,18 +215,7 @@ def train_diffusion(cfg: DiffusionTrainingConfig, out_dir: str | Path, resume: b
     if run.resume_from is not None:
         record.check_resume(run.resume_from)
 
-    dataset = build_dataset(cfg.data, "train")
-    if grounding:
-        dataset = ShapesGrounding(dataset)
-    key = cache_key(cfg.data, dataset, record.stages["autoencoder"].weights_hash,
-                    record.stages["text_encoder"].weights_hash, text_encoder, grounding=grounding)
-    cache_root = Path(cfg.cache_dir) if cfg.cache_dir else run.out_dir.parent / "latent_cache"
-    # every process encodes its share of the shards; the main one then writes the index
-    cache: LatentCache = load_or_build_cache(
-        cache_root, dataset, key, autoencoder, text_encoder, rank=run.accelerator.process_index,
-        world_size=run.accelerator.num_processes, barrier=run.accelerator.wait_for_everyone,
-        batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers, log=run.print, progress=run.is_main)
-    cache.to(run.device)
+    cache = open_latent_cache(cfg, run, record, autoencoder, text_encoder, grounding=grounding)
     uncond = cache.unconditional()
 
     run.use_ema("unet")
@@ -186,33 +230,22 @@ def train_diffusion(cfg: DiffusionTrainingConfig, out_dir: str | Path, resume: b
     for step, micro_batches in run.steps(cache):
         run.set_lr(optimizer, cfg.train.lr, step)
         generator = run.batch_generator(step_generator(cfg.train.seed, step))
+        grounding_now = grounding and step >= cfg.objective.grounding_start
         for batch in micro_batches:
             z = sample_latents(batch, scale_factor, generator)
             drop = conditioning_dropout(batch["states"], cfg.objective.cond_dropout, generator)
             cond = drop_conditioning({"context": batch["states"], "context_mask": batch["mask"]}, uncond,
                                      cfg.objective.cond_dropout, drop=drop)
-            with run.autocast(), (recording_cross_attention(unet) if grounding else nullcontext()) as maps:
+            with run.autocast(), (recording_cross_attention(unet) if grounding_now else nullcontext()) as maps:
                 loss = objective(unet, z, cond, generator)
-                if grounding:  # a dropped caption names nothing
+                if grounding_now:  # a dropped caption names nothing
                     ground = grounding_loss(maps, batch["ground_tokens"] & ~drop[:, None, None],
                                             batch["ground_masks"], cfg.objective.grounding_min_size)
-            run.backward(loss + cfg.objective.grounding_weight * ground if grounding else loss)
+            run.backward(loss + cfg.objective.grounding_weight * ground if grounding_now else loss)
         logs = {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
                 "grad_norm": run.clip_and_step(optimizer, unet)}
-        if grounding:
+        if grounding_now:
             logs["grounding_loss"] = ground.item()
-        run.update_ema()
-        if run.is_main and cfg.preview_images and cfg.preview_prompts and run.due(step, cfg.train.sample_every):
-            model = LatentDiffusion(autoencoder, text_encoder, run.exported_module("unet"), record)
-            images, prompts = save_preview(model, cfg, run.samples_dir / f"preview-{step + 1:07d}.png")
-            if text_encoder.has_image_tower:  # on the images just drawn: a cheap measure of prompt following
-                logs["clip_score"] = clip_score(text_encoder, images, prompts).mean().item()
-        run.log(step, logs)
-        if step + 1 == cfg.train.steps:
-            results.update(final_loss=round(logs["loss"], 5), train_minutes=round((time.time() - start) / 60, 2))
-        run.maybe_checkpoint(step, export)
-    if results:
-        run.print(f"trained {cfg.train.steps} steps in {results['train_minutes']} min; saved to {run.out_dir}")
-    else:
-        run.print(f"nothing to do: {run.out_dir} already finished {cfg.train.steps} steps")
-    return results
+        finish_step(run, cfg, step, logs, LatentDiffusion(autoencoder, text_encoder, run.exported_module("unet"),
+                                                          record), results, start, export)
+    return report(run, cfg, results, "trained")

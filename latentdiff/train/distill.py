@@ -1,0 +1,127 @@
+"""Distil a trained UNet into a few-step student (latent consistency distillation, diffusion/consistency.py).
+
+    latentdiff distill --teacher RUN [--out DIR] [--steps N] [k=v ...]
+
+The teacher is a diffusion run or pipeline folder; its autoencoder and text encoder stay frozen and its
+latent + text cache is reused (the same data config and stages make the same cache key). The student starts
+as a copy of the teacher's UNet and learns, at the teacher's guidance scale, to jump to the end of the
+guided teacher's ODE trajectory from any level of a `grid_steps` grid. The exported student is an ordinary
+UNet run folder: the same architecture and stages, its record's sampling defaults set to the consistency
+sampler ("lcm", 4 steps, trailing spacing) without guidance (it is distilled in), and "distilled_from" in
+its metadata naming the teacher and the guidance it learned.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..data import DataConfig
+from ..diffusion import Denoiser
+from ..diffusion.consistency import consistency_distillation_loss
+from ..errors import ConfigError
+from ..guidance import CFGDenoiser
+from ..latent_diffusion import LatentDiffusion
+from ..models.unet import UNet
+from ..pipeline import Text2ImagePipeline
+from ..pipeline_spec import PipelineFolder
+from ..samplers import SamplingConfig
+from ..stages import UNetRecord
+from .diffusion import PREVIEW_PROMPTS, finish_step, open_latent_cache, report, sample_latents, step_generator
+from .loop import TrainConfig, TrainingRun
+from .optim import adamw
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    teacher: str = ""                 # trained diffusion run or pipeline folder (--teacher)
+    guidance_scale: float = 0.0       # the teacher's guidance, distilled into the student (0 = the teacher's default)
+    grid_steps: int = 25              # the teacher's ODE grid: this many Euler steps (trailing spacing) down to σ = 0
+    ema_target: bool = False          # targets from the EMA weights (train.ema_decay; LCM) instead of the student's
+    data: DataConfig = field(default_factory=lambda: DataConfig(length=8192))  # as the teacher's: its cache is reused
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=600, batch_size=32, lr=1e-4, warmup_steps=20, ema_decay=0.99, log_every=25,
+        sample_every=200, checkpoint_every=200))
+    # the student's defaults: no guidance (it is distilled in), so one UNet call per step
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(sampler="lcm", steps=4, guidance_scale=1.0,
+                                                                            spacing="trailing"))
+    preview_prompts: tuple[str, ...] = PREVIEW_PROMPTS
+    preview_images: int = 4           # images per preview prompt (seeds 0, 1, ...)
+    cache_dir: str = ""               # latent + text cache root ("" = latent_cache/ beside the run folder)
+
+    def __post_init__(self):
+        if self.guidance_scale < 0:
+            raise ConfigError(f"guidance_scale: must be at least 0 (0 = the teacher's), got {self.guidance_scale}")
+        if self.grid_steps < 1:
+            raise ConfigError(f"grid_steps: must be at least 1, got {self.grid_steps}")
+        if self.ema_target and self.train.ema_decay <= 0:
+            raise ConfigError("ema_target: needs train.ema_decay > 0 (the EMA weights make the targets)")
+        if self.preview_images < 0:
+            raise ConfigError(f"preview_images: must be at least 0, got {self.preview_images}")
+
+
+METRICS = ["loss", "grad_norm", "lr", "clip_score"]
+
+
+def load_teacher(cfg: DistillConfig) -> tuple[Text2ImagePipeline, PipelineFolder]:
+    """The teacher pipeline (all three stages frozen, in eval mode) and where its stages are."""
+    if not cfg.teacher:
+        raise ConfigError("distill needs the trained teacher: --teacher DIR (a diffusion run or pipeline folder)")
+    teacher = Text2ImagePipeline.from_pretrained(cfg.teacher)
+    for module in (teacher.autoencoder, teacher.text_encoder, teacher.unet):
+        module.eval().requires_grad_(False)
+    return teacher, PipelineFolder.find(cfg.teacher)
+
+
+def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = False) -> dict:
+    """Train and checkpoint a consistency student of `cfg.teacher` into `out_dir`; returns the final measurements."""
+    teacher, found = load_teacher(cfg)
+    guidance = cfg.guidance_scale or teacher.sampling.guidance_scale
+    run = TrainingRun(out_dir, cfg, cfg.train, resume=resume, metrics=METRICS)
+    student = UNet(teacher.unet.config)
+    student.load_state_dict(teacher.unet.state_dict())
+    student, optimizer = run.track("unet", student, adamw(student.parameters(), cfg.train))
+    for module in (teacher.autoencoder, teacher.text_encoder, teacher.unet):
+        module.to(run.device)
+    autoencoder, text_encoder = teacher.autoencoder, teacher.text_encoder
+    record = UNetRecord.for_stages(autoencoder, found.autoencoder, text_encoder, found.text_encoder, run.out_dir,
+                                   prediction=teacher.record.prediction, schedule=teacher.record.schedule,
+                                   sampling=cfg.sampling, image_size=teacher.record.image_size,
+                                   context_mask=teacher.record.context_mask)
+    if run.resume_from is not None:
+        record.check_resume(run.resume_from)
+    cache = open_latent_cache(cfg, run, record, autoencoder, text_encoder)
+    uncond = cache.unconditional()
+
+    ema = run.use_ema("unet")
+    student_denoiser = Denoiser(student, teacher.schedule, teacher.record.prediction)
+    target = Denoiser(ema.shadow, teacher.schedule, teacher.record.prediction) if cfg.ema_target else None
+    teacher_denoiser = CFGDenoiser(teacher.denoiser, guidance)
+    grid = teacher.schedule.sampling_sigmas(cfg.grid_steps, "trailing")  # (grid_steps + 1,) float64, ends in 0
+    scale_factor = autoencoder.config.scale_factor
+    origin = {"teacher": str(cfg.teacher), "weights_hash": teacher.unet.identity.weights_hash,
+              "guidance_scale": guidance, "grid_steps": cfg.grid_steps}
+    results: dict = {}
+
+    def export(folder: Path) -> None:
+        run.exported_module("unet").save_pretrained(folder, metadata=record.to_metadata(
+            step=step + 1, distilled_from=origin, **results))
+
+    start = time.time()
+    for step, micro_batches in run.steps(cache):
+        run.set_lr(optimizer, cfg.train.lr, step)
+        generator = run.batch_generator(step_generator(cfg.train.seed, step))
+        for batch in micro_batches:
+            z = sample_latents(batch, scale_factor, generator)
+            cond = {"context": batch["states"], "context_mask": batch["mask"]}
+            teacher_cond = {**cond, "uncond_context": uncond["context"], "uncond_context_mask": uncond["context_mask"]}
+            with run.autocast():
+                loss = consistency_distillation_loss(student_denoiser, teacher_denoiser, z, cond, teacher_cond, grid,
+                                                     generator, target)
+            run.backward(loss)
+        logs = {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
+                "grad_norm": run.clip_and_step(optimizer, student)}
+        finish_step(run, cfg, step, logs, LatentDiffusion(autoencoder, text_encoder, run.exported_module("unet"),
+                                                          record), results, start, export)
+    return report(run, cfg, results, "distilled")
+
