@@ -75,6 +75,19 @@ def test_the_loss_is_zero_for_an_oracle_on_any_grid():
     assert loss.item() == 0
 
 
+def test_pseudo_huber_is_the_distance_less_c_per_sample():
+    z, cond, teacher_cond = batch()
+    offset = torch.tensor([0.0, 1.0, 2.0]).view(3, 1, 1, 1)
+    student = lambda x, sigma, cond: z + offset  # noqa: E731  (the teacher's x0 is z: errors 0, 8, 16 in norm)
+    oracle = lambda x, sigma, cond: z.clone()  # noqa: E731
+    grid = SCHEDULE.sampling_sigmas(1, "trailing")
+    huber = consistency_distillation_loss(student, oracle, z, cond, teacher_cond, grid, target=oracle, huber_c=0.5)
+    norms = torch.tensor([0.0, 8.0, 16.0])  # sqrt(64 elements · offset²)
+    assert huber.item() == pytest.approx(((norms ** 2 + 0.25).sqrt() - 0.5).mean().item(), rel=1e-6)
+    mean_square = consistency_distillation_loss(student, oracle, z, cond, teacher_cond, grid, target=oracle)
+    assert mean_square.item() == pytest.approx(5 / 3)
+
+
 def test_the_gradient_flows_through_the_prediction_only():
     net = torch.nn.Conv2d(4, 4, 1)
     student = Denoiser(lambda x, t, context, context_mask=None: net(x), SCHEDULE, "eps")

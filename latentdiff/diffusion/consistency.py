@@ -42,11 +42,13 @@ def teacher_step(teacher: Callable, x: torch.Tensor, sigma: torch.Tensor, sigma_
 
 def consistency_distillation_loss(student: Callable, teacher: Callable, z: torch.Tensor, cond: dict,
                                   teacher_cond: dict, grid: torch.Tensor, generator: Generator = None,
-                                  target: Callable | None = None) -> torch.Tensor:
+                                  target: Callable | None = None, huber_c: float = 0.0) -> torch.Tensor:
     """The loss of one batch (above). student, teacher: D(x, σ, cond) -> x0 (the teacher usually a CFGDenoiser);
     z (B, C, H, W) data latents; cond the student's conditioning, teacher_cond the teacher's (with
     "uncond_context" when guided); grid (N + 1,) decreasing sigmas ending in 0; target: the network that
-    makes the targets (default: the student itself; LCM uses an EMA of it)."""
+    makes the targets (default: the student itself; LCM uses an EMA of it); huber_c > 0: the pseudo-Huber
+    distance sqrt(|d|² + c²) - c per sample (improved consistency training), which weighs a sample's error by
+    its size less than the square does, instead of the mean square."""
     target = student if target is None else target
     grid = grid.to(z.device, z.dtype)
     n = grid_levels(grid, z.shape[0], generator, z)  # (B,)
@@ -56,4 +58,7 @@ def consistency_distillation_loss(student: Callable, teacher: Callable, z: torch
     with torch.no_grad():
         x_next = teacher_step(teacher, x, sigma, sigma_next, teacher_cond)
         wanted = target(x_next, sigma_next, cond)  # = x_next where σ_next = 0
-    return (student(x, sigma, cond).float() - wanted.float()).pow(2).mean()
+    diff = student(x, sigma, cond).float() - wanted.float()
+    if huber_c > 0:
+        return ((diff.pow(2).flatten(1).sum(1) + huber_c ** 2).sqrt() - huber_c).mean()
+    return diff.pow(2).mean()

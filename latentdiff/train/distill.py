@@ -38,6 +38,7 @@ class DistillConfig:
     guidance_scale: float = 0.0       # the teacher's guidance, distilled into the student (0 = the teacher's default)
     grid_steps: int = 25              # the teacher's ODE grid: this many Euler steps (trailing spacing) down to σ = 0
     ema_target: bool = False          # targets from the EMA weights (train.ema_decay; LCM) instead of the student's
+    huber_c: float = 0.0              # > 0: pseudo-Huber distance with this c per sample (iCT: 0.00054·sqrt(C·h·w)), else L2
     data: DataConfig = field(default_factory=lambda: DataConfig(length=8192))  # as the teacher's: its cache is reused
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=600, batch_size=32, lr=1e-4, warmup_steps=20, ema_decay=0.99, log_every=25,
@@ -56,6 +57,8 @@ class DistillConfig:
             raise ConfigError(f"grid_steps: must be at least 1, got {self.grid_steps}")
         if self.ema_target and self.train.ema_decay <= 0:
             raise ConfigError("ema_target: needs train.ema_decay > 0 (the EMA weights make the targets)")
+        if self.huber_c < 0:
+            raise ConfigError(f"huber_c: must be at least 0 (0 = mean square), got {self.huber_c}")
         if self.preview_images < 0:
             raise ConfigError(f"preview_images: must be at least 0, got {self.preview_images}")
 
@@ -117,7 +120,7 @@ def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = False) -> di
             teacher_cond = {**cond, "uncond_context": uncond["context"], "uncond_context_mask": uncond["context_mask"]}
             with run.autocast():
                 loss = consistency_distillation_loss(student_denoiser, teacher_denoiser, z, cond, teacher_cond, grid,
-                                                     generator, target)
+                                                     generator, target, cfg.huber_c)
             run.backward(loss)
         logs = {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
                 "grad_norm": run.clip_and_step(optimizer, student)}
