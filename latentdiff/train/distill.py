@@ -36,12 +36,16 @@ from .optim import adamw
 class DistillConfig:
     teacher: str = ""                 # trained diffusion run or pipeline folder (--teacher)
     guidance_scale: float = 0.0       # the teacher's guidance, distilled into the student (0 = the teacher's default)
-    grid_steps: int = 25              # the teacher's ODE grid: this many Euler steps (trailing spacing) down to σ = 0
+    # the teacher's ODE grid: this many Euler steps (trailing spacing) down to σ = 0; 10 is the teacher's own
+    # default sampling, which judges as well as DPM++ 2M at 20 (README: Sampler × steps)
+    grid_steps: int = 10
     ema_target: bool = False          # targets from the EMA weights (train.ema_decay; LCM) instead of the student's
     huber_c: float = 0.0              # > 0: pseudo-Huber distance with this c per sample (iCT: 0.00054·sqrt(C·h·w)), else L2
     data: DataConfig = field(default_factory=lambda: DataConfig(length=8192))  # as the teacher's: its cache is reused
+    # Short and gentle: on the shapes preset the student is best early (judge mean 0.52 at 400 steps with the lr
+    # cooled over the second half; 0.51 at 300, 0.49 at 1,500 without) and lr 2e-4 or 3e-4 drift (0.29-0.46)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=600, batch_size=32, lr=1e-4, warmup_steps=20, ema_decay=0.99, log_every=25,
+        steps=400, batch_size=32, lr=1e-4, warmup_steps=20, cooldown_fraction=0.5, ema_decay=0.99, log_every=25,
         sample_every=200, checkpoint_every=200))
     # the student's defaults: no guidance (it is distilled in), so one UNet call per step
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(sampler="lcm", steps=4, guidance_scale=1.0,
