@@ -106,3 +106,13 @@ def test_bench_all_cli_without_diffusers_times_ours_alone(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert all(f"| {name}" in out for name in ROWS) and "diffusers is not installed" in out
     assert "| UNet forward | 2 |" in out and "| - | - |" in out
+
+
+def test_an_emulated_gemm_peak_is_timed_once(monkeypatch):
+    """bf16 on an AVX2 CPU takes about a minute per 2048² product: one timed call says enough."""
+    from latentdiff.eval import bench_timing
+
+    calls = []
+    monkeypatch.setattr(bench_timing, "seconds", lambda call, device: calls.append(call) or 60.0)
+    best, flops = bench_timing.gemm_peak(torch.float32, torch.device("cpu"), repeats=5, size=8)
+    assert (best, flops, len(calls)) == (60.0, 2 * 8 ** 3, 1)

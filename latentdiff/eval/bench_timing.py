@@ -17,6 +17,9 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 GEMM_SIZE = 2048      # the peak's square matrices
 GEMM_TRIES = 5        # the peak is the best of at least this many measurements
 MIN_GEMM_SECONDS = 0.05  # each peak measurement repeats the product to last at least this long (a GPU's is µs)
+# a product slower than this (bf16 emulated on an AVX2 CPU: ~1 min at 2048²) is timed once: more tries would
+# only confirm that the dtype is not multiplied natively, at minutes each
+SLOW_GEMM_SECONDS = 1.0
 
 
 def _attention(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -75,9 +78,13 @@ def time_in_turn(calls: dict[str, Callable[[], Any]], repeats: int, device: torc
 
 def gemm_peak(dtype: torch.dtype, device: torch.device, repeats: int, size: int = GEMM_SIZE) -> tuple[float, int]:
     """(best seconds per `torch.mm` of two size x size matrices in `dtype` over max(repeats, GEMM_TRIES), its
-    FLOPs): the machine's attainable matrix-product rate, against which the rows are read."""
+    FLOPs): the machine's attainable matrix-product rate, against which the rows are read. A first product
+    slower than SLOW_GEMM_SECONDS is the answer alone."""
     a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
-    out = torch.mm(a, b)  # warm-up
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    first = seconds(lambda: torch.mm(a, b, out=out), device)  # the warm-up, timed
+    if first > SLOW_GEMM_SECONDS:
+        return first, 2 * size ** 3
     once = seconds(lambda: torch.mm(a, b, out=out), device)
     count = max(1, int(MIN_GEMM_SECONDS / max(once, 1e-9)))
 
