@@ -226,6 +226,7 @@ def train_diffusion(cfg: DiffusionTrainingConfig, out_dir: str | Path, resume: b
     def export(folder: Path) -> None:
         run.exported_module("unet").save_pretrained(folder, metadata=record.to_metadata(step=step + 1, **results))
 
+    previewer = LatentDiffusion(autoencoder, text_encoder, run.exported_module("unet"), record)  # the exported weights
     start = time.time()
     for step, micro_batches in run.steps(cache):
         run.set_lr(optimizer, cfg.train.lr, step)
@@ -246,6 +247,5 @@ def train_diffusion(cfg: DiffusionTrainingConfig, out_dir: str | Path, resume: b
                 "grad_norm": run.clip_and_step(optimizer, unet)}
         if grounding_now:
             logs["grounding_loss"] = ground.item()
-        finish_step(run, cfg, step, logs, LatentDiffusion(autoencoder, text_encoder, run.exported_module("unet"),
-                                                          record), results, start, export)
+        finish_step(run, cfg, step, logs, previewer, results, start, export)
     return report(run, cfg, results, "trained")

@@ -114,6 +114,7 @@ def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = False) -> di
         run.exported_module("unet").save_pretrained(folder, metadata=record.to_metadata(
             step=step + 1, distilled_from=origin, **results))
 
+    previewer = LatentDiffusion(autoencoder, text_encoder, run.exported_module("unet"), record)  # the exported weights
     start = time.time()
     for step, micro_batches in run.steps(cache):
         run.set_lr(optimizer, cfg.train.lr, step)
@@ -128,7 +129,6 @@ def distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = False) -> di
             run.backward(loss)
         logs = {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
                 "grad_norm": run.clip_and_step(optimizer, student)}
-        finish_step(run, cfg, step, logs, LatentDiffusion(autoencoder, text_encoder, run.exported_module("unet"),
-                                                          record), results, start, export)
+        finish_step(run, cfg, step, logs, previewer, results, start, export)
     return report(run, cfg, results, "distilled")
 
