@@ -99,4 +99,6 @@ def run_quickstart(args: argparse.Namespace) -> dict[str, float | None]:
     print(f"[quickstart] stages: {root / 'autoencoder'}, {root / 'text_encoder'}, {root / 'diffusion'}")
     print(f"[quickstart] grid of {len(PROMPTS)} prompts x {SEEDS_PER_PROMPT} seeds: {grid}")
     print(f'[quickstart] try: latentdiff generate "a red circle in the top left" --pipeline {root / "diffusion"} --n 4')
+    print(f"[quickstart] a 4-step student (about 2 minutes): latentdiff distill --teacher {root / 'diffusion'} "
+          f"--out {root / 'distilled'}")
     return minutes

@@ -38,6 +38,7 @@ def test_quickstart_trains_everything_then_skips_what_is_done(tmp_path, monkeypa
     assert grid.height == 4 + rows * (4 * 16 + 4)  # one row per prompt, tiles enlarged 4x
     assert [completed_steps(tmp_path / n) for n in ("autoencoder", "text_encoder", "diffusion")] == [6, 6, 4]
     assert str(tmp_path / "quickstart_grid.png") in out
+    assert f"latentdiff distill --teacher {tmp_path / 'diffusion'} --out {tmp_path / 'distilled'}" in out
 
     assert main(["quickstart", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
