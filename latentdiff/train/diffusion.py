@@ -186,7 +186,7 @@ def finish_step(run: TrainingRun, cfg, step: int, logs: dict, model: LatentDiffu
     preview_if_due(run, cfg, step, model, logs)
     run.log(step, logs)
     if step + 1 == cfg.train.steps:
-        results.update(final_loss=round(logs["loss"], 6), train_minutes=round((time.time() - start) / 60, 2))
+        results.update(final_loss=round(logs["loss"], 5), train_minutes=round((time.time() - start) / 60, 2))
     run.maybe_checkpoint(step, export)
 
 
