@@ -11,7 +11,7 @@ from latentdiff.data.shapes import (
     COLOURS, HELDOUT_COLOUR_SHAPES, HELDOUT_RELATIONS, ObjectSpec, canonical_relation, generate_sample,
     is_heldout, make_sample, render_sample,
 )
-from latentdiff.eval.geneval import CATEGORIES, build_prompt_suite, score_images
+from latentdiff.eval.geneval import CATEGORIES, build_prompt_suite, category_correct, score_images
 from latentdiff.eval.judge import judge_agreement, judge_image, relation_seen
 from latentdiff.eval.judge_segment import detect_objects
 
@@ -78,6 +78,20 @@ def test_swapped_colours_fail_binding_only():
     assert verdict.shape_ok and verdict.count_ok
     assert verdict.binding_ok is False and not verdict.colour_ok and not verdict.overall
     assert verdict.objects_found == 0
+
+
+def test_position_goes_by_shape_alone():
+    # the position rule does not check colours: of two circles, either may be the one above; of a circle
+    # and a square, the circle must be
+    circles = make_sample("pair", [ObjectSpec("red", "circle"), ObjectSpec("blue", "circle")], "above", rng=6)
+    top, bottom = circles.objects
+    swapped = replace(circles, objects=(recoloured(top, "blue"), recoloured(bottom, "red")))
+    assert category_correct("position", circles, judge_image(render_sample(swapped), circles))
+    mixed = make_sample("pair", [ObjectSpec("red", "circle"), ObjectSpec("blue", "square")], "above", rng=6)
+    top, bottom = mixed.objects
+    flipped = replace(mixed, objects=(replace(top, shape="square"), replace(bottom, shape="circle")))
+    assert category_correct("position", mixed, judge_image(render_sample(mixed), mixed))
+    assert not category_correct("position", mixed, judge_image(render_sample(flipped), mixed))
 
 
 def test_wrong_region_shape_count_and_relation_fail():
@@ -245,8 +259,47 @@ def test_touching_objects_of_neighbouring_hues_stay_two():
     assert found == [("orange", "square"), ("yellow", "square")]
 
 
-def test_a_blotch_of_a_distant_hue_is_not_merged():
-    # green and pink are not neighbours on the hue circle: a half-pink "green square" is two colours
+def test_a_square_half_of_a_distant_hue_is_one_square_of_no_one_colour():
+    # green and pink are not neighbours on the hue circle: the outline is one square (a reader counts
+    # one), but no one colour names it, so it passes no colour check
     pixels = np.full((32, 32, 3), 255, dtype=np.uint8)
     _square(pixels, (8, 8, 24, 24), COLOURS["green"], COLOURS["pink"])
-    assert sorted(obj.colour for obj in detect_objects(Image.fromarray(pixels))) == ["green", "pink"]
+    [found] = detect_objects(Image.fromarray(pixels))
+    assert (found.shape, found.colours) == ("square", ())
+    sample = make_sample("single", [ObjectSpec("green", "square")])
+    assert not judge_image(Image.fromarray(pixels), sample).colour_ok
+
+
+def test_a_small_blotch_of_a_distant_hue_keeps_the_object_whole_and_its_colour():
+    pixels = np.full((32, 32, 3), 255, dtype=np.uint8)
+    pixels[8:24, 8:24] = COLOURS["green"]
+    pixels[12:16, 17:21] = COLOURS["pink"]  # 16 of 256 pixels
+    [found] = detect_objects(Image.fromarray(pixels))
+    assert (found.shape, found.colours) == ("square", ("green",))
+
+
+def test_two_touching_squares_of_one_colour_are_two():
+    pixels = np.full((32, 32, 3), 255, dtype=np.uint8)
+    pixels[4:15, 6:17] = COLOURS["pink"]
+    pixels[15:27, 14:26] = COLOURS["pink"]  # touches the first along 3 pixels
+    assert sorted(obj.shape for obj in detect_objects(Image.fromarray(pixels))) == ["square", "square"]
+
+
+@pytest.mark.parametrize("green, names", [(120, ("orange",)), (168, ("orange", "yellow")), (215, ("yellow",))])
+def test_amber_midway_between_orange_and_yellow_answers_to_both(green, names):
+    # readers called the same amber (green channel 150-180) orange or yellow, as the prompt said
+    pixels = np.full((32, 32, 3), 255, dtype=np.uint8)
+    pixels[8:24, 8:24] = (240, green, 0)
+    [found] = detect_objects(Image.fromarray(pixels))
+    assert sorted(found.colours) == sorted(names)
+
+
+def test_a_cross_drawn_soft_and_round_stays_a_cross():
+    # generated crosses are often rounded, four lobes: by area they overlap a diamond as much as a cross,
+    # but their sides bow inward between the tips (the diagonal reach tells them apart)
+    sample = make_sample("single", [ObjectSpec("blue", "cross", "large", "center")])
+    soft = render_sample(sample, 128).filter(ImageFilter.GaussianBlur(6)).resize((32, 32), Image.Resampling.BOX)
+    assert [obj.shape for obj in detect_objects(soft)] == ["cross"]
+    diamond = replace(sample, objects=(replace(sample.objects[0], shape="diamond"),))
+    soft = render_sample(diamond, 128).filter(ImageFilter.GaussianBlur(6)).resize((32, 32), Image.Resampling.BOX)
+    assert [obj.shape for obj in detect_objects(soft)] == ["diamond"]

@@ -6,7 +6,9 @@ Six categories, after GenEval (Ghosh et al. 2023), each scored on its own skill:
   two_objects     "a red circle and a green square"    both shapes present (colours not checked)
   counting        "three red circles"                  exactly n objects of the shape
   colours         "a red circle"                       the shape present, and every one of it in the colour
-  position        "a red circle above a green square"  both objects found by shape and the relation holds
+  position        "a red circle above a green square"  both shapes found and the relation holds between them
+                                                       (colours not checked: "a red circle above a blue
+                                                       circle" passes with either circle on top)
   colour_binding  "a red circle and a green square"    each colour on its own shape (no swaps)
 
 A suite is built for split "train" (compositions the training split shows) or "heldout" (every
@@ -30,7 +32,7 @@ from ..data.shapes import (
     ObjectSpec, ShapesSample, canonical_relation, is_heldout, make_sample,
 )
 from ..data.shapes_captions import caption_sample, with_article
-from .judge import Verdict, judge_image
+from .judge import Verdict, judge_image, relation_seen
 from .judge_segment import SegmentConfig
 
 CATEGORIES = ("single_object", "two_objects", "counting", "colours", "position", "colour_binding")
@@ -133,9 +135,11 @@ def category_correct(category: str, sample: ShapesSample, verdict: Verdict) -> b
         return sum(obj.shape == want.shape for obj in detected) == len(sample.objects)
     if category == "colours":
         same_shape = [obj for obj in detected if obj.shape == want.shape]
-        return bool(same_shape) and all(obj.colour == want.colour for obj in same_shape)
-    if category == "position":
-        return bool(verdict.relation_ok)
+        return bool(same_shape) and all(want.colour in obj.colours for obj in same_shape)
+    if category == "position":  # by shape alone: two of one shape may stand either way round
+        first, second = sample.objects
+        return any(a is not b and a.shape == first.shape and b.shape == second.shape
+                   and relation_seen(a, sample.relation, b) for a in detected for b in detected)
     if category == "colour_binding":
         return bool(verdict.binding_ok)
     raise ValueError(f"unknown category {category!r}; expected one of {', '.join(CATEGORIES)}")

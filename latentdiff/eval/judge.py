@@ -58,7 +58,7 @@ def relation_seen(a: DetectedObject | ShapeObject, relation: str, b: DetectedObj
 
 
 def _pair_score(want: ShapeObject, got: DetectedObject) -> float:
-    colour, shape = want.colour == got.colour, want.shape == got.shape
+    colour, shape = want.colour in got.colours, want.shape == got.shape
     # Shape outweighs colour, so a swapped-colour pair keeps its shapes and fails on colour/binding.
     place = (want.region == got.region) + 0.5 * (want.size == got.size)
     return 8 * (colour and shape) + 3 * shape + 2 * colour + place
@@ -98,9 +98,9 @@ def judge_image(image: Image.Image | torch.Tensor | np.ndarray, sample: ShapesSa
         a, b = matched
         relation_ok = (a is not None and b is not None and a.shape == sample.objects[0].shape
                        and b.shape == sample.objects[1].shape and relation_seen(a, sample.relation, b))
-    found = sum(got is not None and (want.colour, want.shape) == (got.colour, got.shape) for want, got in pairs)
+    found = sum(got is not None and want.colour in got.colours and want.shape == got.shape for want, got in pairs)
     checks = dict(
-        colour_ok=every(lambda w, g: w.colour == g.colour),
+        colour_ok=every(lambda w, g: w.colour in g.colours),
         shape_ok=every(lambda w, g: w.shape == g.shape),
         count_ok=len(detected) == len(sample.objects),
         position_ok=every(lambda w, g: w.region == g.region) if position_stated else None,

@@ -28,7 +28,10 @@ satisfies its prompt under its category's rule, the one the judge applies (genev
                   other objects are allowed
 
 A shape too malformed to name counts as absent. `score` compares the two readings: agreement per
-category and split, overall, and every disagreement with what the judge saw, as Markdown.
+category and split, overall, and every disagreement with what the judge saw, as Markdown. A second
+reader, who sees neither the judge's verdicts nor the first reader's, writes AUDIT/human2.jsonl the
+same way; `score` then also prints how far the two readers agree with each other (the most a judge
+can be expected to reach) and how far the judge agrees with the verdicts they share.
 """
 from __future__ import annotations
 
@@ -52,11 +55,12 @@ from .judge_segment import DetectedObject
 SHEET_COLUMNS, SHEET_ROWS = 5, 4
 TILE = 128  # side of each image on a contact sheet, pixels
 SUITE_FILE = "suite.json"  # the suite's per_category and seed, so that `rejudge` finds each image's sample
+SECOND_READING = "human2.jsonl"  # a second reader's verdicts, when there are some
 
 
 def describe(obj: DetectedObject) -> str:
     x0, y0, x1, y1 = obj.box
-    return f"{obj.colour} {obj.shape}, {obj.size}, {obj.region}, box {x0},{y0}-{x1},{y1}"
+    return f"{'/'.join(obj.colours)} {obj.shape}, {obj.size}, {obj.region}, box {x0},{y0}-{x1},{y1}"
 
 
 def make_audit(pipe, out: str | Path, per_category: int, seed: int = 0, batch_size: int = 64,
@@ -202,6 +206,30 @@ def score_audit(records: Sequence[dict], human: dict[int, dict]) -> dict:
             "unread": len(records) - len(human), "disagreements": disagreements}
 
 
+def consensus(first: dict[int, dict], second: dict[int, dict]) -> dict[int, dict]:
+    """The verdicts two readers agree on ({id: first's line}), the images both read."""
+    return {i: line for i, line in first.items() if i in second and second[i]["pass"] == line["pass"]}
+
+
+def compare_readings(records: Sequence[dict], first: dict[int, dict], second: dict[int, dict]) -> dict:
+    """With a second reading: the judge against each reader, the readers against each other (how far
+    two people agree bounds what a judge can), and the judge against the verdicts both readers share."""
+    first_as_judge = [{**r, "judge": "pass" if first[r["id"]]["pass"] else "fail"} for r in records if r["id"] in first]
+    return {"judge vs reader 1": score_audit(records, first), "judge vs reader 2": score_audit(records, second),
+            "reader 1 vs reader 2": score_audit(first_as_judge, second),
+            "judge vs both readers where they agree": score_audit(records, consensus(first, second))}
+
+
+def format_comparison(comparison: dict) -> str:
+    """One row per comparison, agreement per category (train and held-out together) and overall."""
+    lines = ["| agreement | " + " | ".join(c.replace("_", " ") for c in CATEGORIES) + " | all |",
+             "|---|" + "---|" * (len(CATEGORIES) + 1)]
+    for name, report in comparison.items():
+        cells = [report["per_category"][c]["all"] for c in CATEGORIES] + [report["overall"]["all"]]
+        lines.append(f"| {name} | " + " | ".join(_share(c["agree"], c["total"]) for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def _share(hits: int, total: int) -> str:
     return f"{hits}/{total} ({100 * hits / total:.0f}%)" if total else "–"
 
@@ -241,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     score = sub.add_parser("score", help="agreement of the judge with AUDIT_DIR/human.jsonl (or --human)")
     score.add_argument("audit", metavar="AUDIT_DIR")
     score.add_argument("--human", help="the human verdicts (default: AUDIT_DIR/human.jsonl)")
+    score.add_argument("--second", help="a second reader's verdicts, read without seeing the first's "
+                                        f"(default: AUDIT_DIR/{SECOND_READING} where there is one)")
     score.add_argument("--json", metavar="OUT", help="also write the report as JSON to this file")
     return parser
 
@@ -262,9 +292,15 @@ def run(args: argparse.Namespace) -> None:
         print(f"judged {len(records)} images again; audit.jsonl rewritten")
         return
     records = read_jsonl(Path(args.audit) / "audit.jsonl")
-    human = read_human(args.human or Path(args.audit) / "human.jsonl", {r["id"] for r in records})
+    ids = {r["id"] for r in records}
+    human = read_human(args.human or Path(args.audit) / "human.jsonl", ids)
     report = score_audit(records, human)
     print(format_report(report))
+    second = args.second or Path(args.audit) / SECOND_READING
+    if args.second or Path(second).is_file():
+        comparison = compare_readings(records, human, read_human(second, ids))
+        print("\nWith a second reading (" + str(second) + "):\n\n" + format_comparison(comparison))
+        report["second_reading"] = comparison
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")

@@ -1,35 +1,34 @@
-"""Finding the objects in a `shapes` picture: ink pixels -> palette colour -> components -> shape.
+"""Finding the objects in a `shapes` picture: ink pixels -> components -> objects -> colour and shape.
 
 A rendered pixel is a blend of one palette colour c and the white background, p = a*c + (1-a)*white,
 where a is the fraction of the pixel the shape covers (renders are box-filtered from a 4x canvas).
 So `white - p` points from white toward c: its direction names the colour (by angle, which holds
 even for faint anti-aliased edge pixels) and its length along `white - c` is the coverage a.
 
-Objects are 8-connected components of ink pixels (coverage >= 0.45: high enough that a blurred
-one-pixel gap still parts two objects; the fainter rim is added back to each object's coverage
-map). A component is coloured by its coverage-weighted majority colour, so a few off-hue pixels
-(edges, generator noise) do not break it apart; only when a second colour holds a real share is it
-split, for two differently coloured objects that touch. A tinted picture is first white-balanced
-on its background.
+Components are the 8-connected regions of inked pixels (coverage >= 0.45 toward some palette
+colour: high enough that a blurred one-pixel gap still parts two objects), whatever their hue, since
+a generated object often mixes two colours and the pixels where they blend are of neither. Each
+component is then explained as one object or several touching ones: cut whole, by colour, or along
+its valleys (faint seams, narrow necks), every part is given its best template (judge_shapes) and
+the cut whose templates redraw the component's coverage best wins, each extra object charged a
+little (`split_cost`): two touching objects pay for themselves, a blotch inside one does not.
 
-The shape is found by template matching: the object's coverage map is compared (soft IoU) with each
-shape drawn by the dataset's own renderer, sharp and blurred, at a few box sides and offsets around
-the object's half-coverage bounding box. On real renders the right sharp template matches pixel for
-pixel; on generated pictures the blurred ones take over and the soft IoU degrades gracefully. The
-best template's box gives the object's size and region exactly as the dataset defines them (from
-the box, not the centroid, which sits low in a triangle).
+An object's colour is the coverage-weighted majority of its pixels clearly of one palette colour.
+It also answers to the neighbouring hue it shades into when it sits midway between the two (amber,
+between orange and yellow, which readers call either), and to no colour when a distant hue holds a
+large share of it (a green square half pink). A tinted picture is first white-balanced on its
+background.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ..data.shapes import BACKGROUND, COLOURS, REGIONS, SHAPES, SIZES, ShapeObject, ShapesSample, render_sample
+from ..data.shapes import BACKGROUND, COLOURS, REGIONS, SIZES
+from .judge_shapes import name_shape, shape_template
 
 _NAMES = tuple(COLOURS)
 _WHITE = np.array(BACKGROUND, dtype=np.float64)
@@ -40,7 +39,7 @@ _SIZE_SPLIT = (SIZES["small"] + SIZES["large"]) / 2
 _MIN_BACKGROUND = 160.0  # white balance only when the background is at least this light in every channel
 _NEIGHBOURS_8 = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
 # Palette neighbours around the hue circle: a generated object often shades from one into the other
-# (a "yellow" drawn amber, between yellow and orange), which is one object, not two touching ones.
+# (a "yellow" drawn amber, between yellow and orange); any other second colour is a blotch.
 _HUE_NEIGHBOURS = {frozenset(pair) for pair in (("red", "orange"), ("orange", "yellow"), ("cyan", "blue"),
                                                  ("blue", "purple"), ("purple", "pink"), ("pink", "red"))}
 
@@ -48,18 +47,27 @@ _HUE_NEIGHBOURS = {frozenset(pair) for pair in (("red", "orange"), ("orange", "y
 @dataclass(frozen=True)
 class SegmentConfig:
     ink_threshold: float = 0.45   # least coverage (toward the pixel's palette colour) for a pixel to be ink
-    min_cos: float = 0.96         # least cosine of a pixel's ink with its colour's (mid grey is 0.95 from green)
+    min_cos: float = 0.96         # least cosine of a pixel's ink with its colour's to count for the colour (grey: 0.95)
     min_area: float = 0.008       # least total coverage of an object, as a fraction of the image area
-    split_share: float = 0.15     # a second colour holding this share of a component makes it two objects
+    split_share: float = 0.15     # a second colour holding this share of a component offers a cut by colour
     side_slack: int = 2           # template sides tried: bounding-box side - 1 ... + side_slack
     rim: int = 2                  # pixels around an object's ink whose faint coverage still counts as its own
     blurs: tuple[float, ...] = (0.0, 0.6, 1.2)  # Gaussian blurs (sigma, pixels) of the templates tried
+    split_cost: float = 0.01      # what one more object must save in redrawing error, as a share of the image
+    core_levels: tuple[float, ...] = (0.7, 0.85)  # coverage levels whose cores may part touching objects
+    core_erosions: tuple[int, ...] = (1, 2)       # erosions (pixels) whose cores may part them
+    min_core: int = 4             # least pixels of a core
+    blotch_share: float = 0.35    # an object this much of a distant hue (not a neighbour) has no one colour
+    shade_band: float = 0.08      # an object this close to midway between two neighbouring hues is either
 
 
 @dataclass(frozen=True)
 class DetectedObject:
-    shape: str                          # one of SHAPES: the best-matching template
+    shape: str                          # one of SHAPES: the best-matching template (judge_shapes)
     colour: str                         # one of COLOURS: the coverage-weighted majority
+    colours: tuple[str, ...]            # the names it answers to: its colour, and a palette neighbour
+                                        # when it is shaded midway between the two (amber: orange or
+                                        # yellow); none when blotched with a distant hue
     size: str                           # "small" or "large", from the template's side
     region: str                         # one of REGIONS: the 3x3 cell holding the template box's centre
     box: tuple[int, int, int, int]      # (x0, y0, x1, y1) of the best template, image pixels, x1/y1 exclusive
@@ -117,107 +125,160 @@ def connected_components(mask: np.ndarray) -> list[np.ndarray]:
     return components
 
 
-def _coloured_parts(points: np.ndarray, coverage: np.ndarray, cos: np.ndarray,
-                    config: SegmentConfig, min_area: float) -> list[tuple[tuple[int, ...], np.ndarray]]:
-    """One component -> [(colour indices, points)]: one part, or one per colour holding a real share, or
-    one object shaded between two neighbouring hues (its colour first: the one with more coverage)."""
+def _colour_split(points: np.ndarray, label: np.ndarray, amount: np.ndarray, cos: np.ndarray,
+                  config: SegmentConfig, min_area: float) -> list[np.ndarray] | None:
+    """A component split by colour: each pixel to the nearest colour holding a real share, then each
+    colour's pixels re-split by connectivity (two same-coloured pieces on either side of another object
+    stay apart). None when one colour holds it all."""
     ys, xs = points[:, 0], points[:, 1]
-    labels = cos[ys, xs].argmax(-1)
-    weights = coverage[ys, xs, labels]
-    votes = np.bincount(labels, weights=weights, minlength=len(_NAMES))  # (8,)
-    major = [k for k in np.argsort(-votes)
-             if votes[k] >= max(min_area, config.split_share * votes.sum())]
+    votes = np.bincount(label[ys, xs], weights=amount[ys, xs], minlength=len(_NAMES))  # (8,)
+    major = [k for k in np.argsort(-votes) if votes[k] >= max(min_area, config.split_share * votes.sum())]
     if len(major) <= 1:
-        return [((int(votes.argmax()),), points)]
-    # Two colours touching: give each pixel to the nearest major colour by angle, then re-split by
-    # connectivity, so two same-coloured pieces on either side of the other object stay apart.
+        return None
     owner = np.array(major)[cos[ys, xs][:, major].argmax(-1)]
-    parts = []
-    for k in major:
-        mine = points[owner == k]
-        mask = np.zeros(cos.shape[:2], dtype=bool)
-        mask[mine[:, 0], mine[:, 1]] = True
-        parts += [(int(k), part) for part in connected_components(mask)]
-    if _one_shaded_object(points, parts, major, coverage, config):
-        return [(tuple(int(k) for k in major), points)]  # major is sorted by coverage, the larger first
-    return [((k,), part) for k, part in parts]
+    return [part for k in major for part in _pieces(points[owner == k], amount.shape)]
 
 
-def _own_match(points: np.ndarray, cover_of: np.ndarray, config: SegmentConfig) -> float:
-    """Template IoU of the object made of `points` alone, with per-pixel coverage `cover_of` (H, W)."""
-    cover = np.zeros(cover_of.shape)
-    cover[points[:, 0], points[:, 1]] = cover_of[points[:, 0], points[:, 1]]
-    box = (int(points[:, 1].min()), int(points[:, 0].min()), int(points[:, 1].max()) + 1, int(points[:, 0].max()) + 1)
-    return _best_template(cover, box, config.side_slack, config.blurs)[0]
+def _pieces(points: np.ndarray, shape: tuple[int, int]) -> list[np.ndarray]:
+    mask = np.zeros(shape, dtype=bool)
+    mask[points[:, 0], points[:, 1]] = True
+    return connected_components(mask)
 
 
-def _one_shaded_object(points: np.ndarray, parts: list[tuple[int, np.ndarray]], major: list[int],
-                       coverage: np.ndarray, config: SegmentConfig) -> bool:
-    """Whether a component split by colour is one object shaded between two neighbouring hues: the whole
-    matches a shape at least as well as its colour parts do (two touching objects are two good shapes and
-    a poor whole; a shaded one is a good whole of poor pieces)."""
-    if len(major) != 2 or frozenset(_NAMES[k] for k in major) not in _HUE_NEIGHBOURS:
-        return False
-    whole = _own_match(points, coverage[..., major].max(-1), config)
-    sizes = np.array([len(part) for _, part in parts], dtype=np.float64)
-    pieces = np.array([_own_match(part, coverage[..., k], config) for k, part in parts])
-    return whole >= float((pieces * sizes).sum() / sizes.sum())
+def _geometric_splits(points: np.ndarray, amount: np.ndarray, config: SegmentConfig):
+    """Splits of a component into touching objects along its valleys: the cores left when faint pixels
+    (coverage below a level) or the outer pixels (erosion) are removed, each grown back over the
+    component to the pixels nearest it. Yields each distinct split into two or more parts."""
+    height, width = amount.shape
+    mask = np.zeros((height, width), dtype=bool)
+    mask[points[:, 0], points[:, 1]] = True
+    cores_tried = []
+    for level in config.core_levels:
+        cores_tried.append(mask & (amount >= level))
+    for steps in config.core_erosions:
+        cores_tried.append(~_grow(~mask, steps))
+    seen = set()
+    for core in cores_tried:
+        cores = [c for c in connected_components(core) if len(c) >= config.min_core]
+        if len(cores) < 2:
+            continue
+        parts = _grow_back(cores, mask)
+        key = tuple(sorted(tuple(map(tuple, part[:1])) for part in parts))
+        if key not in seen:
+            seen.add(key)
+            yield parts
 
 
-@lru_cache(maxsize=2048)
-def shape_template(shape: str, side: int, blur: float = 0.0) -> np.ndarray:
-    """Coverage in [0, 1] of `shape` filling a side-pixel box, drawn by the dataset's renderer:
-    (side, side), or blurred by a Gaussian of `blur` pixels and padded by its reach on every side."""
-    obj = ShapeObject(shape, "red", (0, 0, 0), "large", "center", (0, 0, side, side))
-    drawn = np.asarray(render_sample(ShapesSample("single", "", (obj,), None, side)), dtype=np.float64)
-    template = 1.0 - drawn.mean(-1) / 255.0
-    if blur == 0:
-        return template
-    reach = math.ceil(2 * blur)
-    kernel = np.exp(-0.5 * (np.arange(-reach, reach + 1) / blur) ** 2)
-    kernel /= kernel.sum()
-    template = np.pad(template, reach)
-    template = np.apply_along_axis(np.convolve, 0, template, kernel, "same")
-    return np.apply_along_axis(np.convolve, 1, template, kernel, "same")
+def _grow_back(cores: list[np.ndarray], mask: np.ndarray) -> list[np.ndarray]:
+    """Every pixel of `mask` given to the core it is nearest to within the mask (8-neighbour steps)."""
+    height, width = mask.shape
+    owner = np.full((height, width), -1)
+    frontier = []
+    for i, core in enumerate(cores):
+        owner[core[:, 0], core[:, 1]] = i
+        frontier += [(int(y), int(x)) for y, x in core]
+    while frontier:
+        grown = []
+        for y, x in frontier:
+            for dy, dx in _NEIGHBOURS_8:
+                v, u = y + dy, x + dx
+                if 0 <= v < height and 0 <= u < width and mask[v, u] and owner[v, u] < 0:
+                    owner[v, u] = owner[y, x]
+                    grown.append((v, u))
+        frontier = grown
+    return [np.argwhere(owner == i) for i in range(len(cores))]
 
 
-@lru_cache(maxsize=2048)
-def _template_stack(side: int, blur: float) -> tuple[np.ndarray, np.ndarray]:
-    """Every shape's template at one side and blur, stacked (S, t + 2r, t + 2r), and their sums (S,)."""
-    templates = np.stack([shape_template(shape, side, blur) for shape in SHAPES])
-    return templates, templates.sum((-1, -2))
+@dataclass(frozen=True)
+class _Fit:
+    points: np.ndarray     # (N, 2) the part's ink pixels
+    cover: np.ndarray      # (H, W) its coverage map: its pixels and its faint rim
+    match: float
+    shape: str
+    box: tuple[int, int, int, int]
+    blur: float
+
+    def drawn(self, height: int, width: int) -> np.ndarray:
+        """The fitted template at its place, (H, W)."""
+        side = self.box[2] - self.box[0]
+        template = shape_template(self.shape, side, self.blur)
+        reach = (template.shape[0] - side) // 2
+        canvas = np.zeros((height + 2 * template.shape[0], width + 2 * template.shape[0]))
+        top, left = self.box[1] - reach + template.shape[0], self.box[0] - reach + template.shape[0]
+        canvas[top: top + template.shape[0], left: left + template.shape[1]] = template
+        return canvas[template.shape[0]: template.shape[0] + height, template.shape[0]: template.shape[0] + width]
 
 
-def _best_template(cover: np.ndarray, box: tuple[int, int, int, int], slack: int, blurs: tuple[float, ...]):
-    """Best (IoU, shape, template box) for the object coverage map `cover` (H, W) with bounding box `box`.
+def _fit(points: np.ndarray, others: np.ndarray, amount: np.ndarray, config: SegmentConfig) -> _Fit:
+    """The best template for the part made of `points`, its rim the faint pixels around it that are no
+    one's ink (`others`: every ink pixel, (H, W) bool)."""
+    mine = np.zeros(amount.shape, dtype=bool)
+    mine[points[:, 0], points[:, 1]] = True
+    keep = mine | (_grow(mine, config.rim) & ~others)
+    cover = np.where(keep, amount, 0.0)
+    # Half coverage marks a shape's edge whether sharp or blurred (a blur moves the faint rim outward).
+    ys, xs = np.nonzero(cover >= 0.5) if (cover >= 0.5).any() else (points[:, 0], points[:, 1])
+    box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    match, shape, tbox, blur = name_shape(cover, box, config.side_slack, config.blurs)
+    return _Fit(points, cover, match, shape, tbox, blur)
 
-    Tries every shape at sides from the box's longer side - 1 to + slack, each sharp and blurred, at
-    every offset where the template box contains the bounding box give or take a pixel. Soft IoU =
-    sum(min) / sum(max), computed as I / (|A| + |T| - I) with I taken only under the template.
-    """
-    x0, y0, x1, y1 = box
-    longest = max(x1 - x0, y1 - y0)
-    pad = longest + slack + 2 + max(math.ceil(2 * blur) for blur in blurs)
-    padded = np.pad(cover, pad)
-    total = cover.sum()
-    best = (-1.0, SHAPES[0], box)
-    for side in range(max(1, longest - 1), longest + slack + 1):
-        # Template box origins (ox, oy): ox <= x0 + 1 and ox + side >= x1 - 1, likewise for y.
-        oxs = np.arange(x1 - 1 - side, x0 + 2)
-        oys = np.arange(y1 - 1 - side, y0 + 2)
-        for blur in blurs:
-            templates, sums = _template_stack(side, blur)                          # (S, t + 2r, t + 2r), (S,)
-            reach = (templates.shape[-1] - side) // 2                              # r: the blur's margin
-            windows = np.lib.stride_tricks.sliding_window_view(padded, templates.shape[1:])
-            top, left = oys[0] + pad - reach, oxs[0] + pad - reach
-            windows = windows[top: top + len(oys), left: left + len(oxs)]          # (Y, X, t + 2r, t + 2r)
-            inter = np.minimum(windows[None], templates[:, None, None]).sum((-1, -2))  # (S, Y, X)
-            iou = inter / (total + sums[:, None, None] - inter + 1e-9)
-            s, iy, ix = np.unravel_index(iou.argmax(), iou.shape)
-            if iou[s, iy, ix] > best[0] + 1e-9:  # ties keep what was found first: smaller, sharper
-                ox, oy = int(oxs[ix]), int(oys[iy])
-                best = (float(iou[s, iy, ix]), SHAPES[s], (ox, oy, ox + side, oy + side))
-    return best
+
+def _explain(points: np.ndarray, ink: np.ndarray, amount: np.ndarray, label: np.ndarray, cos: np.ndarray,
+             config: SegmentConfig, min_area: float) -> list[_Fit]:
+    """The objects one ink component shows: of the ways to cut it (whole, by colour, along its valleys),
+    the one whose templates redraw its coverage best, each cut charged `split_cost` of the image area
+    (a blotch of another colour inside an object does not pay for itself; two touching objects do)."""
+    height, width = amount.shape
+    mask = np.zeros((height, width), dtype=bool)
+    mask[points[:, 0], points[:, 1]] = True
+    target = np.where(mask | (_grow(mask, config.rim) & ~ink), amount, 0.0)
+    candidates = [[points]]
+    by_colour = _colour_split(points, label, amount, cos, config, min_area)
+    if by_colour is not None:
+        candidates.append(by_colour)
+    candidates += list(_geometric_splits(points, amount, config))
+    best, best_cost = None, np.inf
+    for parts in candidates:
+        parts = [part for part in parts if amount[part[:, 0], part[:, 1]].sum() >= min_area / 2]
+        if not parts:
+            continue
+        fits = [_fit(part, ink, amount, config) for part in parts]
+        drawn = np.max([fit.drawn(height, width) for fit in fits], axis=0)
+        cost = np.abs(drawn - target).sum() + config.split_cost * height * width * (len(fits) - 1)
+        if cost < best_cost - 1e-9:
+            best, best_cost = fits, cost
+    return best or []
+
+
+def _colour_names(points: np.ndarray, pixels: np.ndarray, label: np.ndarray, clear: np.ndarray,
+                  config: SegmentConfig) -> tuple[str, tuple[str, ...]]:
+    """An object's colour, the majority of its pixels clearly of one palette colour (`clear`: their
+    coverage, 0 elsewhere) weighted by coverage, and the names it answers to: that colour, and the
+    palette neighbour it shades into as well when its mean ink lies within `shade_band` of the midpoint
+    between the two (by angle); none when a distant hue holds `blotch_share` of it."""
+    ys, xs = points[:, 0], points[:, 1]
+    weights = clear[ys, xs] if clear[ys, xs].sum() > 0 else np.ones(len(points))
+    votes = np.bincount(label[ys, xs], weights=weights, minlength=len(_NAMES))  # (8,)
+    major = int(votes.argmax())
+    neighbours = [k for k in range(len(_NAMES)) if frozenset((_NAMES[major], _NAMES[k])) in _HUE_NEIGHBOURS]
+    foreign = votes.sum() - votes[major] - votes[neighbours].sum()
+    if foreign >= config.blotch_share * votes.sum():
+        return _NAMES[major], ()
+    if not neighbours:
+        return _NAMES[major], (_NAMES[major],)
+    pair = np.isin(label[ys, xs], (major, *neighbours)) & (weights > 0)
+    mean_ink = (weights[pair, None] * (_WHITE - pixels[ys[pair], xs[pair]])).sum(0)
+    if not mean_ink.any():
+        return _NAMES[major], (_NAMES[major],)
+    other = min(neighbours, key=lambda k: _angle(mean_ink, _INKS[k]))
+    to_major, to_other = _angle(mean_ink, _INKS[major]), _angle(mean_ink, _INKS[other])
+    if to_major < (0.5 - config.shade_band) * (to_major + to_other):
+        return _NAMES[major], (_NAMES[major],)
+    return _NAMES[major], (_NAMES[major], _NAMES[other])
+
+
+def _angle(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.arccos(np.clip(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)), -1.0, 1.0)))
 
 
 def _region(box: tuple[int, int, int, int], height: int, width: int) -> str:
@@ -254,31 +315,24 @@ def detect_objects(image: Image.Image | torch.Tensor | np.ndarray,
     pixels = white_balance(image_to_array(image))
     height, width = pixels.shape[:2]
     coverage, cos, ink = palette_coverage(pixels, config)
+    label = cos.argmax(-1)                                               # (H, W) each pixel's colour
+    amount = np.take_along_axis(coverage, label[..., None], -1)[..., 0]  # (H, W) its coverage toward it
     min_area = config.min_area * height * width
-    parts = []
-    for component in connected_components(ink):
-        parts += [(hues, points) for hues, points in _coloured_parts(component, coverage, cos, config, min_area)
-                  if coverage[points[:, 0], points[:, 1], hues[0]].sum() >= min_area / 2]
-
-    owner = np.full((height, width), -1)  # which part each ink pixel belongs to
-    for i, (_, points) in enumerate(parts):
-        owner[points[:, 0], points[:, 1]] = i
+    # Objects are the components of every inked pixel, whatever its hue (where two colours of one
+    # generated object blend, the pixel is of neither), holding enough ink clearly of a palette colour.
+    body = coverage.max(-1) >= config.ink_threshold
     objects = []
-    for i, (hues, points) in enumerate(parts):
-        k = hues[0]
-        # The object's coverage map: its own pixels and the faint rim around them (edge pixels below
-        # the ink threshold, or blurred), but never pixels that belong to another object.
-        mine = owner == i
-        keep = mine | (_grow(mine, config.rim) & (owner == -1))
-        cover = np.where(keep, coverage[..., list(hues)].max(-1), 0.0)  # one hue, or a shaded object's two
-        if cover.sum() < min_area:
+    for component in connected_components(body):
+        if np.where(ink, amount, 0.0)[component[:, 0], component[:, 1]].sum() < min_area / 2:
             continue
-        # Half coverage marks a shape's edge whether sharp or blurred (a blur moves the faint rim outward).
-        ys, xs = np.nonzero(cover >= 0.5) if (cover >= 0.5).any() else (points[:, 0], points[:, 1])
-        box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-        match, shape, tbox = _best_template(cover, box, config.side_slack, config.blurs)
-        side = tbox[2] - tbox[0]
-        objects.append(DetectedObject(
-            shape=shape, colour=_NAMES[k], size="large" if side >= _SIZE_SPLIT * width else "small",
-            region=_region(tbox, height, width), box=tbox, area=float(cover.sum()), match=match))
+        for fit in _explain(component, body, amount, label, cos, config, min_area):
+            if fit.cover.sum() < min_area:
+                continue
+            colour, colours = _colour_names(fit.points, pixels, label, np.where(ink, amount, 0.0), config)
+            side = fit.box[2] - fit.box[0]
+            objects.append(DetectedObject(
+                shape=fit.shape, colour=colour, colours=colours,
+                size="large" if side >= _SIZE_SPLIT * width else "small",
+                region=_region(fit.box, height, width), box=fit.box, area=float(fit.cover.sum()),
+                match=fit.match))
     return sorted(objects, key=lambda obj: -obj.area)
