@@ -42,8 +42,8 @@ class DistillConfig:
     ema_target: bool = False          # targets from the EMA weights (train.ema_decay; LCM) instead of the student's
     huber_c: float = 0.0              # > 0: pseudo-Huber distance with this c per sample (iCT: 0.00054·sqrt(C·h·w)), else L2
     data: DataConfig = field(default_factory=lambda: DataConfig(length=8192))  # as the teacher's: its cache is reused
-    # Short and gentle: on the shapes preset the student is best early (judge mean 0.52 at 400 steps with the lr
-    # cooled over the second half; 0.51 at 300, 0.49 at 1,500 without) and lr 2e-4 or 3e-4 drift (0.29-0.46)
+    # Short and gentle: on the shapes preset the student is best early (judge mean 0.58 at 400 steps with the lr
+    # cooled over the second half; 0.56 at 300, 0.53 at 1,500 without) and lr 2e-4 or 3e-4 drift (0.33-0.52)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=400, batch_size=32, lr=1e-4, warmup_steps=20, cooldown_fraction=0.5, ema_decay=0.99, log_every=25,
         sample_every=200, checkpoint_every=200))

@@ -39,7 +39,8 @@ class TextEncoderTrainingConfig:
     model: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     data: DataConfig = field(default_factory=DataConfig)
     # 500 steps at lr 4e-4 retrieve as well as these 750 (held-out top-1 0.824 vs 0.826), but a UNet trained on
-    # them followed prompts worse (single object 0.70 / 0.81 vs 0.91 / 0.90): retrieval is not the whole story.
+    # them followed prompts worse (single object 0.70 / 0.81 vs 0.91 / 0.90, judged before the judge's rules for
+    # generated pictures): retrieval is not the whole story.
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=750, batch_size=64, lr=2.5e-4, warmup_steps=50, lr_schedule="cosine", weight_decay=0.1,
         betas=(0.9, 0.98),
