@@ -60,7 +60,8 @@ SECOND_READING = "human2.jsonl"  # a second reader's verdicts, when there are so
 
 def describe(obj: DetectedObject) -> str:
     x0, y0, x1, y1 = obj.box
-    return f"{'/'.join(obj.colours)} {obj.shape}, {obj.size}, {obj.region}, box {x0},{y0}-{x1},{y1}"
+    colour = "/".join(obj.colours) or f"blotched {obj.colour}"  # answers to no colour (judge_segment)
+    return f"{colour} {obj.shape}, {obj.size}, {obj.region}, box {x0},{y0}-{x1},{y1}"
 
 
 def make_audit(pipe, out: str | Path, per_category: int, seed: int = 0, batch_size: int = 64,

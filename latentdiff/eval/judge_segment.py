@@ -140,6 +140,7 @@ def _colour_split(points: np.ndarray, label: np.ndarray, amount: np.ndarray, cos
 
 
 def _pieces(points: np.ndarray, shape: tuple[int, int]) -> list[np.ndarray]:
+    """The connected pieces of a set of (y, x) points in an image of `shape`."""
     mask = np.zeros(shape, dtype=bool)
     mask[points[:, 0], points[:, 1]] = True
     return connected_components(mask)
@@ -163,6 +164,8 @@ def _geometric_splits(points: np.ndarray, amount: np.ndarray, config: SegmentCon
         if len(cores) < 2:
             continue
         parts = _grow_back(cores, mask)
+        # Cuts whose parts start at the same pixels count as one, the first found kept (levels and
+        # erosions mostly find the same cut; telling near-equal cuts apart changed 1 audit verdict in 680).
         key = tuple(sorted(tuple(map(tuple, part[:1])) for part in parts))
         if key not in seen:
             seen.add(key)
@@ -201,12 +204,13 @@ class _Fit:
     def drawn(self, height: int, width: int) -> np.ndarray:
         """The fitted template at its place, (H, W)."""
         side = self.box[2] - self.box[0]
-        template = shape_template(self.shape, side, self.blur)
-        reach = (template.shape[0] - side) // 2
-        canvas = np.zeros((height + 2 * template.shape[0], width + 2 * template.shape[0]))
-        top, left = self.box[1] - reach + template.shape[0], self.box[0] - reach + template.shape[0]
-        canvas[top: top + template.shape[0], left: left + template.shape[1]] = template
-        return canvas[template.shape[0]: template.shape[0] + height, template.shape[0]: template.shape[0] + width]
+        template = shape_template(self.shape, side, self.blur)  # (t, t): the box and the blur's reach around it
+        t = template.shape[0]
+        reach = (t - side) // 2
+        canvas = np.zeros((height + 2 * t, width + 2 * t))  # a margin of t, so a box partly outside still fits
+        top, left = t + self.box[1] - reach, t + self.box[0] - reach
+        canvas[top: top + t, left: left + t] = template
+        return canvas[t: t + height, t: t + width]
 
 
 def _fit(points: np.ndarray, others: np.ndarray, amount: np.ndarray, config: SegmentConfig) -> _Fit:
@@ -321,14 +325,15 @@ def detect_objects(image: Image.Image | torch.Tensor | np.ndarray,
     # Objects are the components of every inked pixel, whatever its hue (where two colours of one
     # generated object blend, the pixel is of neither), holding enough ink clearly of a palette colour.
     body = coverage.max(-1) >= config.ink_threshold
+    clear = np.where(ink, amount, 0.0)  # (H, W) coverage of the pixels clearly of their colour
     objects = []
     for component in connected_components(body):
-        if np.where(ink, amount, 0.0)[component[:, 0], component[:, 1]].sum() < min_area / 2:
+        if clear[component[:, 0], component[:, 1]].sum() < min_area / 2:
             continue
         for fit in _explain(component, body, amount, label, cos, config, min_area):
             if fit.cover.sum() < min_area:
                 continue
-            colour, colours = _colour_names(fit.points, pixels, label, np.where(ink, amount, 0.0), config)
+            colour, colours = _colour_names(fit.points, pixels, label, clear, config)
             side = fit.box[2] - fit.box[0]
             objects.append(DetectedObject(
                 shape=fit.shape, colour=colour, colours=colours,
