@@ -47,6 +47,8 @@ def test_make_writes_images_records_and_sheets(audit):
     for record in records:
         assert record["judge"] in ("pass", "fail")
         assert isinstance(record["detected"], list) and all(isinstance(d, str) for d in record["detected"])
+    readable = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
+    assert readable == [{k: r[k] for k in ("id", "split", "category", "prompt")} for r in records]  # no verdicts
     with Image.open(out / "sheets" / "sheet-01.png") as last:  # 4 images: one row
         assert last.width == SHEET_COLUMNS * (TILE + 2 * PAD) + PAD
 

@@ -10,7 +10,9 @@ so the audited images are the evaluated ones) and writes AUDIT/images/NNNN.png; 
 one line per image: {"id", "split", "category", "prompt", "judge": "pass"|"fail", "detected": [...]}
 (what the judge found, e.g. "red circle, large, top left, box 2,3-16,17"); and AUDIT/sheets/
 sheet-KK.png, contact sheets of 20 images (ids 20*KK ...), each image enlarged to 128x128, its id
-above and its prompt below. The sheets do not show the judge's verdict, so it cannot sway the reader.
+above and its prompt below. The sheets do not show the judge's verdict, so it cannot sway the reader;
+a reader gets images/, sheets/ and AUDIT/prompts.jsonl (each image's id, split, category and prompt,
+no verdict), never audit.jsonl.
 
 The reader writes AUDIT/human.jsonl, one line per image read: {"id": 17, "pass": true, "note": "..."}
 ("note" optional; "pass": null, or no line, counts as not read yet). "pass" says whether the image
@@ -56,6 +58,8 @@ SHEET_COLUMNS, SHEET_ROWS = 5, 4
 TILE = 128  # side of each image on a contact sheet, pixels
 SUITE_FILE = "suite.json"  # the suite's per_category and seed, so that `rejudge` finds each image's sample
 SECOND_READING = "human2.jsonl"  # a second reader's verdicts, when there are some
+PROMPTS_FILE = "prompts.jsonl"  # each image's prompt and category without the judge's verdict, for readers
+READER_KEYS = ("id", "split", "category", "prompt")
 
 
 def describe(obj: DetectedObject) -> str:
@@ -81,6 +85,7 @@ def make_audit(pipe, out: str | Path, per_category: int, seed: int = 0, batch_si
             images.append(image)
     (out / SUITE_FILE).write_text(json.dumps({"per_category": per_category, "seed": seed}) + "\n")
     (out / "audit.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (out / PROMPTS_FILE).write_text("".join(json.dumps({k: r[k] for k in READER_KEYS}) + "\n" for r in records))
     (out / "sheets").mkdir(exist_ok=True)
     per_sheet = SHEET_COLUMNS * SHEET_ROWS
     for k in range(0, len(records), per_sheet):
