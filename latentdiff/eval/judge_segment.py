@@ -141,18 +141,26 @@ def _colour_split(points: np.ndarray, label: np.ndarray, amount: np.ndarray, cos
 
 def _pieces(points: np.ndarray, shape: tuple[int, int]) -> list[np.ndarray]:
     """The connected pieces of a set of (y, x) points in an image of `shape`."""
+    return connected_components(_mask(points, shape))
+
+
+def _mask(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool, True at the (N, 2) (y, x) points."""
     mask = np.zeros(shape, dtype=bool)
     mask[points[:, 0], points[:, 1]] = True
-    return connected_components(mask)
+    return mask
+
+
+def _with_rim(mask: np.ndarray, ink: np.ndarray, rim: int) -> np.ndarray:
+    """The mask and the faint pixels within `rim` of it that are no one's ink (`ink`: every inked pixel)."""
+    return mask | (_grow(mask, rim) & ~ink)
 
 
 def _geometric_splits(points: np.ndarray, amount: np.ndarray, config: SegmentConfig):
     """Splits of a component into touching objects along its valleys: the cores left when faint pixels
     (coverage below a level) or the outer pixels (erosion) are removed, each grown back over the
     component to the pixels nearest it. Yields each distinct split into two or more parts."""
-    height, width = amount.shape
-    mask = np.zeros((height, width), dtype=bool)
-    mask[points[:, 0], points[:, 1]] = True
+    mask = _mask(points, amount.shape)
     cores_tried = []
     for level in config.core_levels:
         cores_tried.append(mask & (amount >= level))
@@ -216,10 +224,7 @@ class _Fit:
 def _fit(points: np.ndarray, others: np.ndarray, amount: np.ndarray, config: SegmentConfig) -> _Fit:
     """The best template for the part made of `points`, its rim the faint pixels around it that are no
     one's ink (`others`: every ink pixel, (H, W) bool)."""
-    mine = np.zeros(amount.shape, dtype=bool)
-    mine[points[:, 0], points[:, 1]] = True
-    keep = mine | (_grow(mine, config.rim) & ~others)
-    cover = np.where(keep, amount, 0.0)
+    cover = np.where(_with_rim(_mask(points, amount.shape), others, config.rim), amount, 0.0)
     # Half coverage marks a shape's edge whether sharp or blurred (a blur moves the faint rim outward).
     ys, xs = np.nonzero(cover >= 0.5) if (cover >= 0.5).any() else (points[:, 0], points[:, 1])
     box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
@@ -233,9 +238,7 @@ def _explain(points: np.ndarray, ink: np.ndarray, amount: np.ndarray, label: np.
     the one whose templates redraw its coverage best, each cut charged `split_cost` of the image area
     (a blotch of another colour inside an object does not pay for itself; two touching objects do)."""
     height, width = amount.shape
-    mask = np.zeros((height, width), dtype=bool)
-    mask[points[:, 0], points[:, 1]] = True
-    target = np.where(mask | (_grow(mask, config.rim) & ~ink), amount, 0.0)
+    target = np.where(_with_rim(_mask(points, amount.shape), ink, config.rim), amount, 0.0)
     candidates = [[points]]
     by_colour = _colour_split(points, label, amount, cos, config, min_area)
     if by_colour is not None:

@@ -105,7 +105,8 @@ def diagonal_reach(cover: np.ndarray) -> float:
     ys, xs = np.indices(cover.shape)
     total = cover.sum()
     cy, cx = (cover * ys).sum() / total, (cover * xs).sum() / total
-    steps = np.arange(0.0, float(max(cover.shape)), 0.25)
+    step = 0.25  # pixels between samples along a ray
+    steps = np.arange(0.0, float(max(cover.shape)), step)
 
     def reach(dy: float, dx: float) -> float:
         y, x = cy + dy * steps, cx + dx * steps
@@ -116,7 +117,7 @@ def diagonal_reach(cover: np.ndarray) -> float:
         fy, fx = y - y0, x - x0
         values = (cover[y0, x0] * (1 - fy) * (1 - fx) + cover[y0, x1] * (1 - fy) * fx
                   + cover[y1, x0] * fy * (1 - fx) + cover[y1, x1] * fy * fx)
-        return float(values.sum() * 0.25)
+        return float(values.sum() * step)
 
     diagonal = np.mean([reach(dy / math.sqrt(2), dx / math.sqrt(2)) for dy in (-1, 1) for dx in (-1, 1)])
     axis = np.mean([reach(dy, dx) for dy, dx in ((0, 1), (1, 0), (0, -1), (-1, 0))])
