@@ -18,6 +18,7 @@ import torch
 from .diffusion import Denoiser, NoiseSchedule
 from .generation_request import GenerationRequest
 from .guidance import CFGDenoiser
+from .models.attention import reusing_text_projections
 from .models.autoencoder import AutoencoderKL
 from .models.text_encoder import TextEncoder
 from .models.unet import UNet
@@ -29,6 +30,17 @@ from .stages import UNetRecord
 def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
     """One CPU generator per seed."""
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+TEXT_KEYS = ("context", "uncond_context", "context_mask", "uncond_context_mask")  # (B, L, ...) entries of a cond
+
+
+def without_padding(cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The cond without the trailing token columns that no mask lets the UNet see (padding): the same
+    attention (a masked key weighs exactly 0), over ~10 tokens instead of the encoder's 77."""
+    used = torch.cat([cond[k] for k in ("context_mask", "uncond_context_mask") if k in cond]).any(0)  # (L,)
+    length = int(used.nonzero().max()) + 1
+    return {k: v[:, :length] if k in TEXT_KEYS else v for k, v in cond.items()}
 
 
 class LatentDiffusion:
@@ -93,7 +105,7 @@ class LatentDiffusion:
             cond["uncond_context"] = uncond.states.to(self.device, self.dtype)
             if self.record.context_mask:
                 cond["uncond_context_mask"] = uncond.mask.to(self.device).bool()
-        return cond
+        return without_padding(cond) if self.record.context_mask else cond
 
     def guided_denoiser(self, guidance_scale: float) -> Callable:
         """D(x, sigma, cond) -> x0 with classifier-free guidance at `guidance_scale` (1 = none)."""
@@ -112,8 +124,9 @@ class LatentDiffusion:
         denoiser = self.guided_denoiser(request.guidance_scale)
         if wrap is not None:
             denoiser = wrap(denoiser)
-        return SAMPLERS[request.sampler](denoiser, x, sigmas, cond=cond, generator=request.generators,
-                                         callback=callback)
+        with reusing_text_projections(self.unet):  # the text is the same at every step
+            return SAMPLERS[request.sampler](denoiser, x, sigmas, cond=cond, generator=request.generators,
+                                             callback=callback)
 
     @torch.no_grad()
     def text_to_latents(self, request: GenerationRequest, callback: Callable | None = None) -> torch.Tensor:

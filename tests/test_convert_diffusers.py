@@ -184,6 +184,16 @@ def test_own_pipeline_with_open_clip_exports_to_diffusers(tmp_path):
     assert load_diffusers(tmp_path / "masked").record.context_mask  # but latentdiff reads it back
 
 
+def test_a_unet_with_position_features_is_not_exported(tmp_path):
+    from tiny_stages import save_stages
+
+    pipe = Text2ImagePipeline.from_pretrained(save_stages(tmp_path / "stages")["unet"])
+    pipe.unet.config = dataclasses.replace(pipe.unet.config, position_embedding=True)  # diffusers has none
+    with pytest.raises(CheckpointError, match="model.position_embedding"):
+        save_diffusers(pipe, tmp_path / "exported")
+    assert not (tmp_path / "exported").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Refusals
 # ---------------------------------------------------------------------------------------------

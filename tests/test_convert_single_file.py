@@ -211,6 +211,16 @@ def test_own_pipeline_round_trip(tmp_path):
     np.testing.assert_allclose(images(back), images(pipe), atol=1e-5, rtol=0)
 
 
+def test_a_unet_with_position_features_is_refused_before_anything_is_written(tmp_path):
+    from tiny_stages import save_stages
+
+    pipe = Text2ImagePipeline.from_pretrained(save_stages(tmp_path / "stages")["unet"])
+    pipe.unet.config = dataclasses.replace(pipe.unet.config, position_embedding=True)
+    with pytest.raises(CheckpointError, match="model.position_embedding"):
+        save_single_file(pipe, tmp_path / "own.safetensors")
+    assert not (tmp_path / "own.safetensors").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Refusals, skipped groups, pickles
 # ---------------------------------------------------------------------------------------------

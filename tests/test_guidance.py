@@ -92,3 +92,17 @@ def test_guided_sampling_runs(setup):
     out = sample_euler(CFGDenoiser(denoiser, 3.0), x * sigmas[0], sigmas, cond=cond)
     assert out.shape == x.shape and out.isfinite().all()
     assert len(net.calls) == 4 and all(c["x"].shape[0] == 4 for c in net.calls)
+
+
+def test_a_loop_gets_the_same_text_tensors_at_every_step_until_they_change(setup):
+    schedule, net, denoiser, x, cond = setup
+    guided = CFGDenoiser(denoiser, 3.0)
+    sample_euler(guided, x, schedule.sampling_sigmas(3), cond=cond)
+    contexts = [call["context"] for call in net.calls]
+    assert len(contexts) == 3 and all(c is contexts[0] for c in contexts)  # so the UNet can keep its projections
+    cond["context"].add_(1.0)  # changed in place: made again
+    guided(x, torch.tensor(2.0), cond)
+    assert net.calls[-1]["context"] is not contexts[0]
+    torch.testing.assert_close(net.calls[-1]["context"][2:], cond["context"])
+    guided(x[:1], torch.tensor(2.0), {**cond, "context": cond["context"][:1]})  # another batch: made again
+    assert net.calls[-1]["context"].shape[0] == 2

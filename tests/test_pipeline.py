@@ -52,6 +52,22 @@ def test_an_image_depends_on_its_seed_not_its_batch(pipe):
     assert by_generator.seeds is None
 
 
+def test_the_text_loses_its_padding_columns_and_the_denoiser_gives_the_same(pipe):
+    prompts = ["a red circle", "a big blue square on the left"]
+    assert pipe.record.context_mask  # trained so: the UNet never sees padding
+    cond = pipe.encode_prompts(prompts, None, 3.0)
+    words, empty = pipe.text_encoder.encode(prompts), pipe.text_encoder.unconditional(2)
+    full = {"context": words.states, "context_mask": words.mask.bool(), "uncond_context": empty.states,
+            "uncond_context_mask": empty.mask.bool()}
+    length = cond["context"].shape[1]
+    assert length < words.states.shape[1] and cond["context_mask"][:, -1].any()  # the longest prompt's end
+    assert not full["context_mask"][:, length:].any() and not full["uncond_context_mask"][:, length:].any()
+    torch.testing.assert_close(cond["context"], words.states[:, :length], atol=0, rtol=0)
+    x = torch.randn(pipe.latent_shape(2, None, None), generator=torch.Generator().manual_seed(0))
+    guided = pipe.guided_denoiser(3.0)
+    torch.testing.assert_close(guided(x, 5.0, cond), guided(x, 5.0, full), atol=1e-4, rtol=1e-4)  # rounding, |x0| ~ 5
+
+
 def test_output_types(pipe):
     common = dict(num_images_per_prompt=2, seed=0, num_inference_steps=STEPS)
     pil = pipe("a red circle", **common).images

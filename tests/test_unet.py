@@ -12,6 +12,8 @@ from latentdiff.checkpoint import CONFIG_NAME
 from latentdiff.config import from_dict, to_dict
 from latentdiff.convert.unet_keys import unet_key_map, unet_to_diffusers
 from latentdiff.errors import CheckpointError, ConfigError
+from latentdiff.models.attention import (Attention, BasicTransformerBlock, position_features, reusing_text_projections,
+                                         written_out)
 from latentdiff.models.unet import UNet, UNetConfig
 
 CTX = 16  # context width of the tiny configs
@@ -201,6 +203,81 @@ def test_gradient_checkpointing_gives_the_same_output_and_gradients():
         assert grads0[name] is not None, name
         torch.testing.assert_close(grads1[name], grads0[name], msg=name)
     assert "gradient_checkpointing" not in to_dict(cfg)  # a runtime switch, not architecture
+
+
+# ---------------------------------------------------------------------------------------------
+# Position embedding (lever of issue 15)
+# ---------------------------------------------------------------------------------------------
+
+def test_position_features_name_each_place_by_its_image_fraction():
+    feats = position_features(4, 6, 18)  # 18 channels: 4 frequencies per quarter, 2 zero channels
+    assert feats.shape == (24, 18) and torch.equal(feats[:, 16:], torch.zeros(24, 2))
+    grid = feats.reshape(4, 6, 18)
+    assert torch.equal(grid[:, :1, :8].expand(4, 6, 8), grid[..., :8])  # the row quarters vary with y only
+    assert torch.equal(grid[:1, :, 8:16].expand(4, 6, 8), grid[..., 8:16])  # the column quarters with x only
+    assert (grid[1:, 0, 4] < grid[:-1, 0, 4]).all() and (grid[0, 1:, 12] < grid[0, :-1, 12]).all()  # cos(pi u)
+    assert len({tuple(row.tolist()) for row in feats}) == 24  # every place its own
+    # a place is a fraction of the image: the centre of a 1x1 map is the centre cell of a 3x3 one
+    torch.testing.assert_close(position_features(1, 1, 8), position_features(3, 3, 8)[4:5])
+
+
+def test_position_embedding_tells_places_apart_without_new_weights():
+    cfg = TINY["one_level"]
+    plain, placed = randomized(cfg), randomized(dataclasses.replace(cfg, position_embedding=True))
+    assert plain.state_dict().keys() == placed.state_dict().keys()  # the SD layout, no extra weights
+    placed.load_state_dict(plain.state_dict())
+    x = torch.ones(1, cfg.in_channels, 8, 8)  # the same value everywhere: only the borders differ
+    _, t, context = inputs(cfg, batch=1)
+    block = placed.input_blocks[1][1]  # the level-0 spatial transformer, alone: it sees no borders
+    flat = torch.randn(1, block.norm.num_channels, 1, 1).expand(1, -1, 8, 8)
+    with torch.no_grad():
+        block.position_embedding = False
+        assert torch.allclose(block(flat, context), block(flat, context)[..., :1, :1].expand(1, -1, 8, 8))
+        block.position_embedding = True
+        out = block(flat, context)
+        assert not torch.allclose(out[..., 0, 0], out[..., 7, 7], atol=1e-3)
+        assert not torch.allclose(placed(x, t, context), plain(x, t, context), atol=1e-4)
+
+
+def test_reused_text_projections_are_made_once_per_context_and_give_the_same_output():
+    cfg = TINY["three_levels_per_level"]
+    model = randomized(cfg)
+    x, t, context = inputs(cfg)
+    calls = []
+    for block in model.modules():
+        if isinstance(block, BasicTransformerBlock):
+            block.attn2.to_k.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        plain = [model(x, t, context), model(x * 0.5, t, context)]
+        layers = len(calls) // 2
+        calls.clear()
+        with reusing_text_projections(model):
+            reused = [model(x, t, context), model(x * 0.5, t, context)]
+            assert len(calls) == layers  # the second call projected no text
+            context.mul_(2.0)  # the same tensor, changed: projected again
+            changed = model(x, t, context)
+            assert len(calls) == 2 * layers
+        model(x, t, context)
+        assert len(calls) == 3 * layers  # outside the block nothing is kept
+        reference = model(x, t, context)
+    for a, b in zip(reused, plain):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    torch.testing.assert_close(changed, reference, atol=0, rtol=0)
+
+
+def test_small_attention_at_inference_is_written_out_and_equals_the_fused_kernel():
+    attn = Attention(32, 4, context_dim=16)
+    gen = torch.Generator().manual_seed(0)
+    x, context = torch.randn(3, 64, 32, generator=gen), torch.randn(3, 10, 16, generator=gen)
+    mask = torch.ones(3, 10, dtype=torch.bool)
+    mask[1, 4:] = False
+    heads = torch.empty(3, 4, 64, 8), torch.empty(3, 4, 10, 8)  # (B, heads, N or L, d)
+    with torch.no_grad():
+        assert written_out(*heads)  # 64 queries x 10 keys
+        assert not written_out(torch.empty(1, 8, 4096, 40), torch.empty(1, 8, 77, 40))  # SD 1.5 at 512 px: fused
+        plain = attn(x, context, mask)
+    assert not written_out(*heads)  # with gradients: the fused kernel
+    torch.testing.assert_close(plain, attn(x, context, mask).detach(), atol=1e-6, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..checkpoint import StageIdentity
 from ..diffusion.schedules import ScheduleConfig
+from ..errors import CheckpointError
 from ..models.autoencoder import AutoencoderKL
 from ..models.text_encoder import TextEncoder
 from ..models.unet import UNet
@@ -42,3 +43,10 @@ def warn_if_masked(pipe: Text2ImagePipeline, target: str) -> None:
         warnings.warn(f"this pipeline hides padding tokens from the UNet (it was trained so); {target} readers "
                       f"other than latentdiff attend to every token, so their images will differ from ours",
                       ContextMaskWarning, stacklevel=3)
+
+
+def refuse_if_not_sd(pipe: Text2ImagePipeline, target: str) -> None:
+    """An SD-format reader would run this UNet without what it was trained with: refuse before writing."""
+    if pipe.unet.config.position_embedding:
+        raise CheckpointError(f"model.position_embedding is on in this UNet: {target} UNets add no position "
+                              f"features, so it cannot be written as {target}")

@@ -34,7 +34,7 @@ from ..models.text_encoder_openclip import OpenCLIPTextEncoder
 from ..models.unet import UNet, UNetConfig
 from ..pipeline import Text2ImagePipeline
 from ..samplers import SamplingConfig
-from .assemble import assemble_pipeline, warn_if_masked
+from .assemble import assemble_pipeline, refuse_if_not_sd, warn_if_masked
 from .scheduler_config import schedule_from_diffusers, schedule_to_diffusers
 from .text_encoder_keys import (
     PAD_TOKENS,
@@ -165,6 +165,7 @@ def _write_model(folder: Path, config: dict, state: dict[str, torch.Tensor], dty
 
 def save_diffusers(pipe: Text2ImagePipeline, folder: str | Path, *, dtype: torch.dtype | None = None) -> None:
     """Write `pipe` as a diffusers StableDiffusionPipeline folder (atomically); `dtype` casts the weights."""
+    refuse_if_not_sd(pipe, "diffusers")
     warn_if_masked(pipe, "diffusers")
     folder = Path(folder)
     unet_cfg, ae_cfg = pipe.unet.config, pipe.autoencoder.config

@@ -39,7 +39,7 @@ from ..models.text_encoder_openclip import CLIP_VOCAB_SIZE, OpenCLIPTextEncoder
 from ..models.unet import UNet, UNetConfig
 from ..pipeline import Text2ImagePipeline
 from ..samplers import SamplingConfig
-from .assemble import assemble_pipeline, warn_if_masked
+from .assemble import assemble_pipeline, refuse_if_not_sd, warn_if_masked
 from .diffusers_format import read_architecture
 from .mapping import require, split_prefix
 from .sd_variants import (
@@ -319,6 +319,7 @@ def text_encoder_for_single_file(encoder: TextEncoder) -> tuple[dict[str, torch.
 
 def save_single_file(pipe: Text2ImagePipeline, path: str | Path, *, dtype: torch.dtype | None = None) -> None:
     """Write `pipe` as an original SD checkpoint (.safetensors, CompVis layout, latentdiff metadata)."""
+    refuse_if_not_sd(pipe, "single-file")
     warn_if_masked(pipe, "single-file")
     path = Path(path)
     if path.suffix.lower() != ".safetensors":

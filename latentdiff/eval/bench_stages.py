@@ -3,8 +3,9 @@
 Rows: the GEMM peak (fp32 and bf16 `torch.mm`, measured first on the same device), the autoencoder,
 text-encoder and UNet training steps (forward + loss + backward, no optimizer), the UNet forward, the VAE
 decode and end-to-end generation (DPM++ 2M against diffusers' StableDiffusionPipeline loaded from our
-pipeline exported to diffusers format, the same prompts and initial noise; and our pipeline sampling as
-a distilled student does, 4 unguided steps, against the same diffusers call). Weights are random, built from
+pipeline exported to diffusers format, the same prompts and initial noise; the same with the padding tokens
+hidden from our UNet, as a pipeline trained here does; and our pipeline sampling as a distilled student
+does, 4 unguided steps, against the same diffusers call). Weights are random, built from
 the shapes presets with no zero layer, so that the twins' outputs differ where their arithmetic does.
 
 In bf16 (or fp16) the autoencoder and text-encoder steps run as their trainers' mixed precision does (fp32
@@ -13,9 +14,10 @@ weights, autocast forward); the UNet rows and generation cast both twins' weight
 from __future__ import annotations
 
 import contextlib
+import copy
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -194,8 +196,10 @@ def random_pipeline(workload: Workload):
 def generation(workload: Workload, pipe, repeats: int, device: torch.device, dtype: torch.dtype) -> list[Row]:
     """`pipe` against diffusers' StableDiffusionPipeline read from its diffusers export: the same prompts,
     steps, guidance, and initial noise (seed k for image k, drawn as our pipeline draws it); then, against the
-    same diffusers call, `pipe` as a distilled student samples (STUDENT_SAMPLING: the architecture is the
-    student's, so this is the time a student takes; its images are not diffusers', so no difference is shown)."""
+    same diffusers call, `pipe` as a pipeline trained here records it (padding tokens hidden from the UNet,
+    which diffusers cannot do, so the images differ and no difference is shown), and `pipe` as a distilled
+    student samples (STUDENT_SAMPLING: the architecture is the student's, so this is the time a student
+    takes; its images are not diffusers' either)."""
     from ..latent_diffusion import seeded_generators
     from ..samplers import randn_per_sample
 
@@ -203,7 +207,10 @@ def generation(workload: Workload, pipe, repeats: int, device: torch.device, dty
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
     options = {"num_inference_steps": workload.steps, "guidance_scale": workload.guidance_scale,
                "output_type": "np"}
+    trained_here = copy.copy(pipe)  # the same stages and settings, padding hidden (context_mask) as trained here
+    trained_here.record = replace(pipe.record, context_mask=True)
     same = {"latentdiff": lambda: pipe(prompts, seed=0, height=size, width=size, **options).images}
+    masked = {"latentdiff": lambda: trained_here(prompts, seed=0, height=size, width=size, **options).images}
     student = {"latentdiff": lambda: pipe(prompts, seed=0, height=size, width=size, output_type="np",
                                           **STUDENT_SAMPLING).images}
     settings = f"{workload.steps} steps {workload.sampler}, cfg {workload.guidance_scale:g}"
@@ -221,9 +228,10 @@ def generation(workload: Workload, pipe, repeats: int, device: torch.device, dty
             twin.set_progress_bar_config(disable=True)
             noise = randn_per_sample(pipe.latent_shape(batch, size, size), seeded_generators(list(range(batch))),
                                      dtype=dtype, device=device)  # (B, C, h, w), as our pipeline draws it
-            same["diffusers"] = student["diffusers"] = (
+            same["diffusers"] = masked["diffusers"] = student["diffusers"] = (
                 lambda: twin(prompts, latents=noise, height=size, width=size, **options).images)
         return [_row(f"generation ({settings})", batch, same, repeats, device, lambda a, b: float(np.abs(a - b).max())),
+                _row(f"generation, padding hidden as trained here ({settings})", batch, masked, repeats, device),
                 _row(f"generation, student (ours: {STUDENT_SAMPLING['num_inference_steps']} steps "
                      f"{STUDENT_SAMPLING['sampler']}, no guidance; diffusers: {settings})", batch, student, repeats,
                      device)]

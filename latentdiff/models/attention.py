@@ -9,12 +9,26 @@ the grounding loss of issue 15); outside it every attention runs on F.scaled_dot
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+WRITTEN_OUT_MAX_SCORES = 64 * 64  # queries x keys per head at or below which CPU inference skips the fused kernel
+
+
+def written_out(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether attention of q (B, heads, N, d) over k (B, heads, L, d) runs as three plain ops instead of SDPA.
+
+    On the CPU, without gradients, for small maps (the shapes UNet's 8x8 and 4x4 levels over ~10 text
+    tokens), SDPA's flash kernel costs 1.5-3x the plain matmul, softmax, matmul (2 cores, batch 32); for
+    large maps (SD's 64x64 latents) the fused kernel is what keeps the (N, L) scores out of memory.
+    """
+    return q.device.type == "cpu" and not torch.is_grad_enabled() and q.shape[-2] * k.shape[-2] <= WRITTEN_OUT_MAX_SCORES
 
 
 class Attention(nn.Module):
@@ -31,28 +45,45 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim, query_dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(query_dim, query_dim))
         self.record: Callable[[torch.Tensor], None] | None = None  # set by recording_cross_attention only
+        self.reuse_projections = False  # set by reusing_text_projections only
+        self._projected: tuple | None = None  # (context, its version, k, v) while reusing
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, N, C); context (B, L, C_ctx) or None; mask (B, L) bool, True = attend. -> (B, N, C)"""
-        context = x if context is None else context
-        # (B, N, C) -> (B, heads, N, C / heads)
-        q, k, v = (proj(src).unflatten(-1, (self.heads, -1)).transpose(1, 2)
-                   for proj, src in ((self.to_q, x), (self.to_k, context), (self.to_v, context)))
+        q = self._heads(self.to_q(x))
+        k, v = self._keys_values(x if context is None else context)
         if mask is not None:
             mask = mask[:, None, None, :].to(torch.bool)  # (B, 1, 1, L), broadcast over heads and queries
         if self.upcast:
             q, k, v = q.float(), k.float(), v.float()
-        if self.record is None:
+        if self.record is None and not written_out(q, k):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).to(x.dtype)
-        else:  # the same attention, written out so that its probabilities can be kept (with their gradients)
+        else:  # the same attention written out: its probabilities can be kept (with their gradients)
             scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (B, heads, N, L)
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
             probs = scores.softmax(-1)
-            self.record(probs)
+            if self.record is not None:
+                self.record(probs)
             out = (probs.to(v.dtype) @ v).to(x.dtype)
         return self.to_out(out.transpose(1, 2).flatten(2))  # (B, N, C)
+
+    def _heads(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) -> (B, heads, N, C / heads)"""
+        return h.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+    def _keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of `context`, (B, heads, L, C / heads) each; while reusing, those of the last
+        context again if this is the same tensor, unchanged since."""
+        if self._projected is not None:
+            source, version, k, v = self._projected
+            if source is context and source._version == version:
+                return k, v
+        k, v = self._heads(self.to_k(context)), self._heads(self.to_v(context))
+        if self.reuse_projections:
+            self._projected = (context, context._version, k, v)
+        return k, v
 
 
 class GEGLU(nn.Module):
@@ -97,17 +128,39 @@ class BasicTransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
+def position_features(height: int, width: int, channels: int, *, device=None, dtype=None) -> torch.Tensor:
+    """Fixed 2D sin/cos features of each token's place -> (H*W, channels), row-major as the tokens are.
+
+    Quarters of the channels hold sin(w*y), cos(w*y), sin(w*x), cos(w*x) of the centre of each cell in
+    image fractions (0, 1), so a place means the same at any resolution ("top left" is top left at 8x8 and
+    at 16x16). The frequencies run geometrically from pi (half a cycle across the image: cos is monotonic
+    in x and y) to 8 pi; channels beyond a multiple of 4 stay zero.
+    """
+    n = channels // 4
+    freqs = math.pi * 8.0 ** (torch.arange(n, device=device, dtype=torch.float32) / max(n - 1, 1))  # (n,)
+    y = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
+    x = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
+    yy, xx = torch.meshgrid(y, x, indexing="ij")
+    ay, ax = yy.reshape(-1, 1) * freqs, xx.reshape(-1, 1) * freqs  # (H*W, n) each
+    feats = torch.cat([ay.sin(), ay.cos(), ax.sin(), ax.cos()], dim=1)
+    return F.pad(feats, (0, channels - 4 * n)).to(dtype)
+
+
 class SpatialTransformer(nn.Module):
     """Feature maps as a sequence of H*W tokens through `depth` transformer blocks, added back residually.
 
     The projections are 1x1 convs applied before flattening (SD 1.x) or Linear layers applied after
-    it (SD 2.x); the two are the same map, but their weights have different shapes.
+    it (SD 2.x); the two are the same map, but their weights have different shapes. With
+    `position_embedding` the tokens entering the blocks also carry `position_features` (no weights), so
+    that a query knows where it is without inferring it from the zero padding of the convolutions.
     """
 
     def __init__(self, channels: int, heads: int, depth: int, context_dim: int, *, groups: int,
-                 linear_projection: bool = False, dropout: float = 0.0, upcast: bool = False):
+                 linear_projection: bool = False, dropout: float = 0.0, upcast: bool = False,
+                 position_embedding: bool = False):
         super().__init__()
         self.linear_projection = linear_projection
+        self.position_embedding = position_embedding
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
         proj = nn.Linear if linear_projection else (lambda cin, cout: nn.Conv2d(cin, cout, 1))
         self.proj_in = proj(channels, channels)
@@ -127,6 +180,8 @@ class SpatialTransformer(nn.Module):
         h = h.flatten(2).transpose(1, 2)  # (B, H*W, C)
         if self.linear_projection:
             h = self.proj_in(h)
+        if self.position_embedding:
+            h = h + position_features(height, width, c, device=h.device, dtype=h.dtype)
         for block in self.transformer_blocks:
             h = block(h, context, mask)
         if self.linear_projection:
@@ -135,6 +190,23 @@ class SpatialTransformer(nn.Module):
         if not self.linear_projection:
             h = self.proj_out(h)
         return x + h
+
+
+@contextmanager
+def reusing_text_projections(model: nn.Module) -> Iterator[None]:
+    """Within the block, each cross-attention of `model` projects a text context to keys and values once
+    and reuses them for as long as it is given that same tensor: a sampling loop's text does not change
+    from step to step, and its projections are about a fifth of a small UNet's work. Inference only (the
+    kept keys carry no gradient for a later step); on leaving, nothing is kept.
+    """
+    layers = [m.attn2 for m in model.modules() if isinstance(m, BasicTransformerBlock)]
+    for layer in layers:
+        layer.reuse_projections = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.reuse_projections, layer._projected = False, None
 
 
 @contextmanager

@@ -51,7 +51,8 @@ class UNet(PretrainedMixin, nn.Module):
         def transformer(level: int) -> SpatialTransformer:
             return SpatialTransformer(c.width(level), c.heads(level), c.depth(level), c.context_dim,
                                       groups=c.norm_groups, linear_projection=c.use_linear_projection,
-                                      dropout=c.dropout, upcast=c.upcast_attention)
+                                      dropout=c.dropout, upcast=c.upcast_attention,
+                                      position_embedding=c.position_embedding)
 
         # Down path; skip_widths records the width of every block output that the up path will concatenate.
         conv_in = nn.Conv2d(c.in_channels, c.model_channels, 3, padding=1)

@@ -30,6 +30,8 @@ class UNetConfig:
     dropout: float = 0.0              # in ResBlocks and transformer feed-forwards
     norm_groups: int = 32             # GroupNorm groups (ResBlocks, spatial transformers, output)
     upcast_attention: bool = False    # compute attention in fp32 when the model runs in fp16/bf16 (SD 2.1 needs it)
+    position_embedding: bool = False  # lever (issue 15): add each token's (row, column) as fixed sin/cos features in
+                                      # every spatial transformer; SD has none, so such a UNet exports to no SD format
 
     def __post_init__(self):
         levels = len(self.channel_mult)
