@@ -17,6 +17,7 @@ they agree.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -167,6 +168,55 @@ def sample_dpmpp_2m(denoiser, x, sigmas, *, cond, generator=None, callback=None)
 
 
 @torch.no_grad()
+def sample_unipc(denoiser, x, sigmas, *, cond, generator=None, callback=None):
+    """UniPC (Zhao et al. 2023), data prediction, B(h) = e^-h - 1 ("bh2"), order 2: each step is predicted
+    as DPM-Solver++(2M)'s is (UniP-2 with this B(h) is that step), and once D at the new point is known the
+    step is taken again with it (UniC), which costs no extra call. First order on the first and last step
+    (diffusers' lower_order_final); the step to σ = 0 is not corrected (nothing is evaluated there)."""
+    n = len(sigmas) - 1
+    lambdas = [-math.log(s) if s > 0 else math.inf for s in sigmas.double().tolist()]  # λ = -log σ
+    history: list[torch.Tensor] = []  # D at the last two points, newest last
+    start, start_order = None, 0  # where the last step started (corrected) and its order
+    for i, sigma, sigma_next, sigma_in in _steps(x, sigmas):
+        denoised = _denoise(denoiser, x, sigma_in, cond, callback, i, sigma)
+        if start is not None:  # UniC: redo step i-1 with D at its end
+            x = _unipc_step(start, lambdas[i - 2:i + 1] if start_order == 2 else lambdas[i - 1:i + 1],
+                            history[-start_order:], corrector=denoised)
+        history = (history + [denoised])[-2:]
+        order = min(2, n - i, i + 1)
+        start, start_order = x, order
+        if sigma_next == 0:
+            x = denoised  # the exponential integrator's limit as σ_next -> 0
+        else:
+            x = _unipc_step(x, lambdas[i + 1 - order:i + 2], history[-order:])
+    return x
+
+
+def _unipc_step(x: torch.Tensor, lambdas: list[float], denoised: list[torch.Tensor],
+                corrector: torch.Tensor | None = None) -> torch.Tensor:
+    """One UniPC step of order len(denoised) (1 or 2) from x at λ_s to λ_t: `lambdas` is [λ_t] preceded by
+    the λ of each point in `denoised` (oldest first, the step's start last); without `corrector` the
+    predictor UniP, with it (D at λ_t) the corrector UniC."""
+    *before, lambda_s, lambda_t = lambdas
+    d_s = denoised[-1]
+    h = lambda_t - lambda_s
+    phi_1 = math.expm1(-h)  # h·φ1 in data prediction; also B(h)
+    out = math.exp(-h) * x - phi_1 * d_s  # σ_t / σ_s = e^-h
+    if before:  # the slope from the point before the start, scaled to the step: D1 = (d_prev - d_s) / r
+        r = (before[0] - lambda_s) / h
+        slope = (denoised[0] - d_s) / r
+    if corrector is None:
+        return out - phi_1 * 0.5 * slope if before else out  # UniP-2 takes ρ = 1/2
+    # UniC: ρ solves [[1, 1], [r, 1]] ρ = b with b_k = k!·φ_k(h) / B(h), φ_k of -h
+    b_1 = (phi_1 / -h - 1) / phi_1
+    if not before:
+        return out - phi_1 * 0.5 * (corrector - d_s)  # first order: ρ = 1/2
+    b_2 = 2 * ((phi_1 / -h - 1) / -h - 0.5) / phi_1
+    rho_slope = (b_1 - b_2) / (1 - r)
+    return out - phi_1 * (rho_slope * slope + (b_1 - rho_slope) * (corrector - d_s))
+
+
+@torch.no_grad()
 def sample_lcm(denoiser, x, sigmas, *, cond, generator=None, callback=None):
     """Multistep consistency sampling (Song et al. 2023, alg. 1; the LCM scheduler): jump to x0 = D(x, σ), then
     noise it afresh to σ_next. Made for a consistency-distilled student (train/distill.py), whose D lands on
@@ -185,6 +235,7 @@ SAMPLERS: dict[str, Callable] = {
     "euler_a": sample_euler_ancestral,
     "heun": sample_heun,
     "dpmpp_2m": sample_dpmpp_2m,
+    "unipc": sample_unipc,
     "lcm": sample_lcm,
 }
 

@@ -9,7 +9,7 @@ from .config import check_choice
 from .diffusion.schedule_config import SPACINGS
 from .errors import ConfigError
 
-SAMPLER_NAMES = ("ddpm", "ddim", "euler", "euler_a", "heun", "dpmpp_2m", "lcm")  # SAMPLERS' keys, in its order
+SAMPLER_NAMES = ("ddpm", "ddim", "euler", "euler_a", "heun", "dpmpp_2m", "unipc", "lcm")  # SAMPLERS' keys, in its order
 
 
 def sampler_names() -> tuple[str, ...]:

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from safetensors.torch import load_file, save_file
 from tiny_sd import CONFIGS, CONTEXT, IMAGE, LATENT, diffusers_pipeline, initial_noise, load_reference, \
     save_diffusers_pipeline
@@ -97,11 +97,12 @@ def test_imported_stages_match_diffusers(imported, reference):
     assert not pipe.record.context_mask  # SD attends to every token
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "unipc"])
 def test_generation_matches_stable_diffusion_pipeline(imported, reference, sampler):
     """The same scheduler config on both sides, the same initial noise: the same image."""
     original = reference.scheduler
-    scheduler_class = {"ddim": DDIMScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}[sampler]
+    scheduler_class = {"ddim": DDIMScheduler, "dpmpp_2m": DPMSolverMultistepScheduler,
+                       "unipc": UniPCMultistepScheduler}[sampler]
     reference.scheduler = scheduler_class.from_config(original.config, timestep_spacing="trailing", steps_offset=0,
                                                       **({"set_alpha_to_one": True, "clip_sample": False}
                                                          if sampler == "ddim" else {}))

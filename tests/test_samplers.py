@@ -15,6 +15,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
     LCMScheduler,
+    UniPCMultistepScheduler,
 )
 
 from latentdiff.config import apply_overrides
@@ -187,6 +188,7 @@ DIFFUSERS = {
     "euler_a": EulerAncestralDiscreteScheduler,
     "heun": HeunDiscreteScheduler,
     "dpmpp_2m": DPMSolverMultistepScheduler,
+    "unipc": UniPCMultistepScheduler,
     "lcm": LCMScheduler,
 }
 SIGMA_SPACE = {"euler", "euler_a", "heun"}
@@ -205,6 +207,9 @@ def diffusers_scheduler(name, prediction, spacing, **extra):
         kwargs.update(set_alpha_to_one=True)  # the last step lands on σ = 0, as ours do
     if name == "dpmpp_2m":
         kwargs.update(algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero")
+    if name == "unipc":
+        kwargs.update(solver_order=2, solver_type="bh2", predict_x0=True, lower_order_final=True,
+                      final_sigmas_type="zero")
     if name == "lcm":
         # LCM's boundary scalings c_skip = 0.25/((t·s)² + 0.25), c_out ≈ 1 - c_skip are ours (1 and 0 except at
         # σ = 0, which an ε Denoiser meets exactly) as the timestep scaling s grows; its steps come from its own
@@ -241,7 +246,7 @@ def run_diffusers(name, sched, x, sigma_max, context, generator, eta):
     return x  # σ = 0 at the end, where VP and sigma space coincide
 
 
-KARRAS = ("euler", "heun", "dpmpp_2m")  # the diffusers schedulers that offer Karras sigmas
+KARRAS = ("euler", "heun", "dpmpp_2m", "unipc")  # the diffusers schedulers that offer Karras sigmas
 PARITY = [(name, options, prediction, spacing)
           for name, options in [(name, {}) for name in sorted(SAMPLERS)] + [("ddim", {"eta": 0.7})]
           for prediction in ("eps", "v")
@@ -271,9 +276,9 @@ def check_parity(name, options, prediction, spacing, dtype, schedule, **diffuser
     context = context_for(1, dtype)
 
     net = fake_net
-    if name == "dpmpp_2m" and spacing == "karras":
-        # diffusers' DPM-Solver rounds the timesteps it gives the model for Karras sigmas (not the sigmas it
-        # steps with); ours gives the exact continuous t. Rounding inside the net puts both on the same t.
+    if name in ("dpmpp_2m", "unipc") and spacing == "karras":
+        # diffusers' DPM-Solver and UniPC round the timesteps they give the model for Karras sigmas (not the sigmas
+        # they step with); ours gives the exact continuous t. Rounding inside the net puts both on the same t.
         def net(x, t, context, context_mask=None):
             return fake_net(x, t.round(), context)
 

@@ -19,7 +19,7 @@ from .mapping import check_fixed
 SAMPLER_SCHEDULERS = {  # our sampler -> the diffusers scheduler that runs the same algorithm
     "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "euler": "EulerDiscreteScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler", "heun": "HeunDiscreteScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler", "lcm": "LCMScheduler"}
+    "dpmpp_2m": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler", "lcm": "LCMScheduler"}
 FALLBACK_SAMPLER = "dpmpp_2m"
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
@@ -29,6 +29,9 @@ _LEADING_BY_DEFAULT = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "DDIMP
 _DIFFUSERS_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
 # DPM-Solver variants other than the multistep 2nd-order DPM-Solver++ that our dpmpp_2m is
 _DPM_FIXED = {"algorithm_type": "dpmsolver++", "solver_order": 2}
+# UniPC variants other than the 2nd-order, data-prediction, B(h) = e^h - 1 one with every corrector that our unipc is
+_UNIPC_FIXED = {"solver_order": 2, "solver_type": "bh2", "predict_x0": True, "lower_order_final": True,
+                "disable_corrector": []}
 # diffusers' karras option; our karras spacing does not take a timestep spacing
 DIFFUSERS_KARRAS_SPACING = "linspace"
 SD_GUIDANCE_SCALE = 7.5      # StableDiffusionPipeline's defaults, which come with an imported pipeline
@@ -56,6 +59,8 @@ def schedule_from_diffusers(config: dict, where: str) -> tuple[ScheduleConfig, s
     sampler = samplers.get(class_name, FALLBACK_SAMPLER)
     if sampler == "dpmpp_2m" and class_name:
         check_fixed(config, _DPM_FIXED, where)
+    if sampler == "unipc":
+        check_fixed(config, _UNIPC_FIXED, where)
     spacing = config.get("timestep_spacing", "leading" if class_name in _LEADING_BY_DEFAULT else "linspace")
     if config.get("use_karras_sigmas"):
         spacing = "karras"
@@ -92,4 +97,7 @@ def schedule_to_diffusers(schedule: ScheduleConfig, prediction: str, sampling: S
     if sampling.sampler == "dpmpp_2m":
         config.update(algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", lower_order_final=True,
                       final_sigmas_type="zero", thresholding=False)
+    if sampling.sampler == "unipc":
+        config.update(solver_order=2, solver_type="bh2", predict_x0=True, lower_order_final=True,
+                      disable_corrector=[], final_sigmas_type="zero", thresholding=False)
     return config
