@@ -50,7 +50,7 @@ class LatentDiffusion:
         self.autoencoder, self.text_encoder, self.unet = autoencoder, text_encoder, unet
         self.record = record
         self.schedule = NoiseSchedule.from_config(record.schedule)
-        self.denoiser = Denoiser(unet, self.schedule, record.prediction)
+        self.denoiser = Denoiser(unet, self.schedule, record.prediction, unet.config.self_condition)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         for module in (self.autoencoder, self.text_encoder, self.unet):
@@ -108,8 +108,10 @@ class LatentDiffusion:
         return without_padding(cond) if self.record.context_mask else cond
 
     def guided_denoiser(self, guidance_scale: float) -> Callable:
-        """D(x, sigma, cond) -> x0 with classifier-free guidance at `guidance_scale` (1 = none)."""
-        return self.denoiser if guidance_scale == 1 else CFGDenoiser(self.denoiser, guidance_scale)
+        """D(x, sigma, cond) -> x0 with classifier-free guidance at `guidance_scale` (1 = none), for one
+        sampling run (a self-conditioned UNet's denoiser keeps state)."""
+        denoiser = self.denoiser.fresh()
+        return denoiser if guidance_scale == 1 else CFGDenoiser(denoiser, guidance_scale)
 
     def sigmas(self, steps: int) -> torch.Tensor:
         """The sampling sigma sequence for `steps` steps under the default spacing, ending in 0."""

@@ -70,6 +70,44 @@ def test_loss_is_the_weighted_error_of_the_drawn_batch(prediction, weighting, sc
     assert scale.grad is not None and scale.grad != 0
 
 
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_to_x0_inverts_the_target(prediction, schedule):
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 2, 3, 4, 4, generator=gen, dtype=torch.float64)  # (B=2, C=3, 4, 4) each
+    alpha, sigma_vp = vp_at(schedule, torch.tensor([10, 900]))
+    x_t = alpha * x0 + sigma_vp * noise
+    kind = PREDICTIONS[prediction]
+    torch.testing.assert_close(kind.to_x0(kind.target(x0, noise, alpha, sigma_vp), x_t, alpha, sigma_vp), x0)
+
+
+def test_self_conditioning_feeds_half_the_batch_its_own_estimate_without_gradient(schedule):
+    x0 = torch.randn(64, 2, 4, 4, generator=torch.Generator().manual_seed(3))
+    scale = torch.nn.Parameter(torch.tensor(0.5))
+    calls = []
+
+    def net(x_t, t, context, context_mask=None, x0_estimate=None):
+        calls.append({"estimate": x0_estimate, "grad": torch.is_grad_enabled(), "x_t": x_t, "t": t})
+        out = scale * x_t
+        calls[-1]["out"] = out.detach()
+        return out if x0_estimate is None else out + 0.1 * x0_estimate
+
+    loss = DiffusionLoss(schedule, ObjectiveConfig(), self_condition=True)(
+        net, x0, {"context": torch.zeros(64, 3, 5)}, torch.Generator().manual_seed(7))
+    assert [c["estimate"] is None for c in calls] == [True, False] and [c["grad"] for c in calls] == [False, True]
+    alpha, sigma_vp = (v.float() for v in vp_at(schedule, calls[0]["t"].long()))
+    own = PREDICTIONS["eps"].to_x0(calls[0]["out"], calls[0]["x_t"], alpha, sigma_vp)
+    given = calls[1]["estimate"]
+    used = (given != 0).flatten(1).any(1)  # (B,): which samples got the estimate, the rest zeros
+    assert 16 < used.sum() < 48  # half, drawn
+    torch.testing.assert_close(given[used], own[used])
+    loss.backward()  # through the second call only: the first is not part of the graph
+    assert scale.grad is not None
+
+    calls.clear()
+    DiffusionLoss(schedule, ObjectiveConfig())(net, x0, {"context": torch.zeros(64, 3, 5)})
+    assert len(calls) == 1 and calls[0]["estimate"] is None  # off: one call, nothing drawn for it
+
+
 def test_timesteps_are_uniform_over_the_schedule():
     t = sample_timesteps(torch.zeros(20000, 1), 10, torch.Generator().manual_seed(0))
     assert t.dtype == torch.long and t.min() == 0 and t.max() == 9

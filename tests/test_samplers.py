@@ -163,6 +163,28 @@ def test_denoiser_turns_an_exact_prediction_into_x0(prediction, schedule):
     assert seen["mask"] is mask
 
 
+def test_a_self_conditioned_denoiser_gives_back_its_last_x0_within_one_run(schedule):
+    seen = []
+
+    def net(x_vp, t, context, context_mask=None, x0_estimate=None):
+        seen.append(x0_estimate)
+        return 0.5 * x_vp
+
+    shared = Denoiser(net, schedule, "eps", self_condition=True)
+    run = shared.fresh()
+    assert run is not shared
+    x, cond = torch.randn(2, 4, 8, 8), {"context": torch.zeros(2, 3, 5)}
+    first = run(x, 3.0, cond)
+    run(x, 2.0, cond)
+    assert seen[0] is None and seen[1] is first  # zeros (None) on the first call, then the last x0
+    run(x[:1], 1.0, {"context": torch.zeros(1, 3, 5)})
+    assert seen[2] is None  # no estimate of another batch's shape
+    shared.fresh()(x, 3.0, cond)
+    assert seen[3] is None  # a new run starts afresh
+    plain = Denoiser(lambda x_vp, t, context, context_mask=None: 0.5 * x_vp, schedule, "eps")
+    assert plain.fresh() is plain and plain(x, 3.0, cond).shape == x.shape  # no x0_estimate passed
+
+
 def test_denoiser_never_clips_x0(schedule):
     denoiser = Denoiser(lambda x, t, c, context_mask=None: torch.full_like(x, 7.0), schedule, "x0")
     out = denoiser(torch.zeros(1, 4, 2, 2), 3.0, {"context": torch.zeros(1, 2, 3)})

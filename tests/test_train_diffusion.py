@@ -1,6 +1,7 @@
 """Stage-3 training end to end on tiny stages: resume after a kill, the latent cache, what the UNet records."""
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from resume_check import kill_then_resume
@@ -9,7 +10,7 @@ from tiny_stages import save_autoencoder, save_text_encoder, tiny_training_confi
 from latentdiff.checkpoint import weights_hash
 from latentdiff.cli import main
 from latentdiff.config import apply_overrides, load_config, to_dict
-from latentdiff.errors import CheckpointError
+from latentdiff.errors import CheckpointError, ConfigError
 from latentdiff.models.autoencoder import AutoencoderKL
 from latentdiff.models.text_encoder_openclip import OpenCLIPTextEncoder
 from latentdiff.models.unet import UNet
@@ -74,6 +75,24 @@ def test_unet_records_what_it_was_trained_with(frozen, tmp_path):
     assert pipe.record.prediction == "v" and pipe.sampling.guidance_scale == 2.5
     assert pipe.text_encoder.output_layer == "penultimate"  # read out where the UNet learned to read it
     assert pipe("a red circle", seed=0, output_type="np").images.shape == (1, 16, 16, 3)
+
+
+def test_a_self_conditioned_unet_trains_and_samples_but_is_not_grounded_distilled_or_exported(frozen, tmp_path):
+    from latentdiff.convert import save_pipeline
+    from latentdiff.train.distill import DistillConfig, distill
+
+    cfg = tiny_training_config(*frozen, "model.self_condition=true", "train.steps=2")
+    train_diffusion(cfg, tmp_path / "run")
+    pipe = Text2ImagePipeline.from_pretrained(tmp_path / "run")
+    assert pipe.unet.config.self_condition and pipe.denoiser.fresh() is not pipe.denoiser
+    first = pipe("a red circle", seed=0, output_type="np").images
+    assert first.shape == (1, 16, 16, 3) and np.array_equal(first, pipe("a red circle", seed=0, output_type="np").images)
+    with pytest.raises(ConfigError, match="self_condition"):
+        tiny_training_config(*frozen, "model.self_condition=true", "objective.grounding_weight=0.1")
+    with pytest.raises(ConfigError, match="self-conditioned"):
+        distill(apply_overrides(DistillConfig(), [f"teacher={tmp_path / 'run'}"]), tmp_path / "student")
+    with pytest.raises(CheckpointError, match="model.self_condition"):
+        save_pipeline(pipe, tmp_path / "exported", to="diffusers")
 
 
 def test_cache_is_reused_and_rebuilt_when_an_encoder_changes(frozen, tmp_path, monkeypatch):

@@ -280,6 +280,19 @@ def test_small_attention_at_inference_is_written_out_and_equals_the_fused_kernel
     torch.testing.assert_close(plain, attn(x, context, mask).detach(), atol=1e-6, rtol=1e-5)
 
 
+def test_a_self_conditioned_unet_reads_its_estimate_beside_x():
+    cfg = dataclasses.replace(TINY["one_level"], self_condition=True)
+    model = randomized(cfg)
+    assert model.input_blocks[0][0].weight.shape[1] == 2 * cfg.in_channels
+    x, t, context = inputs(cfg)
+    with torch.no_grad():
+        first = model(x, t, context)
+        torch.testing.assert_close(first, model(x, t, context, x0_estimate=torch.zeros_like(x)), atol=0, rtol=0)
+        assert not torch.allclose(first, model(x, t, context, x0_estimate=torch.randn_like(x)), atol=1e-4)
+        with pytest.raises(ValueError, match="self_condition"):
+            randomized(TINY["one_level"])(x, t, context, x0_estimate=x)
+
+
 # ---------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------

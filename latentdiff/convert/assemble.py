@@ -47,6 +47,8 @@ def warn_if_masked(pipe: Text2ImagePipeline, target: str) -> None:
 
 def refuse_if_not_sd(pipe: Text2ImagePipeline, target: str) -> None:
     """An SD-format reader would run this UNet without what it was trained with: refuse before writing."""
-    if pipe.unet.config.position_embedding:
-        raise CheckpointError(f"model.position_embedding is on in this UNet: {target} UNets add no position "
-                              f"features, so it cannot be written as {target}")
+    for switch, what in (("position_embedding", "add no position features"),
+                         ("self_condition", "are not given their previous x0 estimate")):
+        if getattr(pipe.unet.config, switch):
+            raise CheckpointError(f"model.{switch} is on in this UNet: {target} UNets {what}, so it cannot be "
+                                  f"written as {target}")

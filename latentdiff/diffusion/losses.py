@@ -19,6 +19,7 @@ from .schedules import NoiseSchedule
 
 Generator = torch.Generator | BatchGenerator | None  # see batch_random.py
 WEIGHTINGS = ("uniform", "min_snr")
+SELF_CONDITION_SHARE = 0.5  # samples trained with the net's own estimate (Chen et al. 2022), the rest with zeros
 
 
 @dataclass(frozen=True)
@@ -107,10 +108,11 @@ class DiffusionLoss:
     unconditional encoding.
     """
 
-    def __init__(self, schedule: NoiseSchedule, cfg: ObjectiveConfig):
+    def __init__(self, schedule: NoiseSchedule, cfg: ObjectiveConfig, self_condition: bool = False):
         self.schedule = schedule
         self.cfg = cfg
         self.prediction = get_prediction(cfg.prediction)
+        self.self_condition = self_condition  # the net takes x0_estimate (model.self_condition)
 
     def __call__(self, net: Callable, x0: torch.Tensor, cond: dict,
                  generator: Generator = None) -> torch.Tensor:
@@ -121,8 +123,11 @@ class DiffusionLoss:
         alpha = alphas_cumprod.sqrt().to(x0.dtype).view(-1, 1, 1, 1)
         sigma_vp = (1 - alphas_cumprod).sqrt().to(x0.dtype).view(-1, 1, 1, 1)
         x_t = alpha * x0 + sigma_vp * noise
-        out = net(x_t, t.to(torch.promote_types(x0.dtype, torch.float32)), cond["context"],
-                  context_mask=cond.get("context_mask"))
+        t = t.to(torch.promote_types(x0.dtype, torch.float32))
+        extra = {}
+        if self.self_condition:
+            extra["x0_estimate"] = self.first_estimate(net, x_t, t, cond, alpha, sigma_vp, generator)
+        out = net(x_t, t, cond["context"], context_mask=cond.get("context_mask"), **extra)
         target = self.prediction.target(x0, noise, alpha, sigma_vp)
         per_sample = (out.float() - target.float()).pow(2).mean(dim=tuple(range(1, x0.ndim)))  # (B,)
         snr = alphas_cumprod / (1 - alphas_cumprod)
@@ -131,3 +136,14 @@ class DiffusionLoss:
         else:  # "uniform"
             weights = torch.ones_like(snr)
         return (weights.float() * per_sample).mean()
+
+    def first_estimate(self, net: Callable, x_t: torch.Tensor, t: torch.Tensor, cond: dict, alpha: torch.Tensor,
+                       sigma_vp: torch.Tensor, generator: Generator) -> torch.Tensor:
+        """Self-conditioning's input (Chen et al. 2022): for half the samples, drawn, the net's own x0 from
+        a first call without an estimate (no gradient, as a sampler's previous step gives none); zeros
+        for the rest, as on a sampler's first step. (B, C, H, W)"""
+        use = draw(torch.rand, (x_t.shape[0],), generator, x_t) < SELF_CONDITION_SHARE  # (B,) bool
+        with torch.no_grad():
+            first = net(x_t, t, cond["context"], context_mask=cond.get("context_mask"))
+            estimate = self.prediction.to_x0(first.to(x_t.dtype), x_t, alpha, sigma_vp)
+        return torch.where(use[:, None, None, None], estimate, torch.zeros_like(estimate))

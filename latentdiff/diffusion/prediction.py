@@ -40,6 +40,12 @@ class Prediction(ABC):
     def scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
         """(c_skip, c_out) such that x0 = c_skip·x + c_out·output, for x = x0 + σ·ε in sigma space."""
 
+    def to_x0(self, output: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor,
+              sigma_vp: torch.Tensor) -> torch.Tensor:
+        """The x0 that a network output for the VP latent x_t = alpha·x0 + sigma_vp·noise stands for."""
+        c_skip, c_out = self.scalings(sigma_vp / alpha)
+        return c_skip * (x_t / alpha) + c_out * output
+
     @abstractmethod
     def min_snr_weight(self, snr: torch.Tensor, gamma: float) -> torch.Tensor:
         """(B,) min-SNR-γ loss weights for SNR = ᾱ/(1-ᾱ) values (B,)."""

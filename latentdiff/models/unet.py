@@ -27,11 +27,13 @@ from .unet_config import CHECKPOINT_KIND, UNetConfig
 
 
 class UNet(PretrainedMixin, nn.Module):
-    """`unet(x, t, context, context_mask=None) -> (B, out_channels, H, W)`.
+    """`unet(x, t, context, context_mask=None, x0_estimate=None) -> (B, out_channels, H, W)`.
 
     x (B, in_channels, H, W) with H, W multiples of `config.downsample_factor`; t (B,) float timesteps
     (continuous values allowed) or a scalar; context (B, L, context_dim) text tokens; context_mask
-    (B, L) bool, True = a real token (None attends to all; every row needs at least one True).
+    (B, L) bool, True = a real token (None attends to all; every row needs at least one True);
+    x0_estimate (B, in_channels, H, W), only for a self-conditioned UNet: its previous estimate of the
+    clean latent (None: zeros, as on a first step).
     """
 
     checkpoint_kind = CHECKPOINT_KIND
@@ -55,7 +57,8 @@ class UNet(PretrainedMixin, nn.Module):
                                       position_embedding=c.position_embedding)
 
         # Down path; skip_widths records the width of every block output that the up path will concatenate.
-        conv_in = nn.Conv2d(c.in_channels, c.model_channels, 3, padding=1)
+        # self-conditioning: the previous x0 estimate (or zeros) enters beside x, channel-concatenated
+        conv_in = nn.Conv2d(c.in_channels * (2 if c.self_condition else 1), c.model_channels, 3, padding=1)
         self.input_blocks = nn.ModuleList([TimestepSequential(conv_in)])
         skip_widths = [c.model_channels]
         ch = c.model_channels
@@ -97,11 +100,15 @@ class UNet(PretrainedMixin, nn.Module):
         self.gradient_checkpointing = enabled
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
-                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+                context_mask: torch.Tensor | None = None, x0_estimate: torch.Tensor | None = None) -> torch.Tensor:
         b, _, height, width = x.shape
         f = self.config.downsample_factor
         if height % f or width % f:
             raise ValueError(f"UNet input {height}x{width} is not a multiple of {f} on both sides")
+        if self.config.self_condition:
+            x = torch.cat([x, torch.zeros_like(x) if x0_estimate is None else x0_estimate.to(x.dtype)], dim=1)
+        elif x0_estimate is not None:
+            raise ValueError("x0_estimate is for a self-conditioned UNet (model.self_condition); this one is not")
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(b)  # scalar or (B,) -> (B,)
         emb_in = timestep_embedding(t, self.config.model_channels).to(self.time_embed[0].weight.dtype)
         emb = self.time_embed(emb_in)  # (B, 4 * model_channels)

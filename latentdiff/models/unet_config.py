@@ -32,6 +32,8 @@ class UNetConfig:
     upcast_attention: bool = False    # compute attention in fp32 when the model runs in fp16/bf16 (SD 2.1 needs it)
     position_embedding: bool = False  # lever (issue 15): add each token's (row, column) as fixed sin/cos features in
                                       # every spatial transformer; SD has none, so such a UNet exports to no SD format
+    self_condition: bool = False      # lever (issue 15): also read the sampler's previous x0 estimate (in_channels
+                                      # more input channels; Chen et al. 2022); exports to no SD format either
 
     def __post_init__(self):
         levels = len(self.channel_mult)

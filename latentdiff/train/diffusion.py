@@ -84,6 +84,9 @@ class DiffusionTrainingConfig:
         if self.objective.grounding_weight > 0 and self.data.source != "shapes":
             raise ConfigError("objective.grounding_weight needs data.source=shapes: only the built-in shapes "
                               "know where each object they name lies")
+        if self.objective.grounding_weight > 0 and self.model.self_condition:
+            raise ConfigError("objective.grounding_weight does not go with model.self_condition: the grounding "
+                              "loss reads one UNet call per step, and self-conditioning makes two")
         if self.preview_images < 0:
             raise ConfigError(f"preview_images: must be at least 0, got {self.preview_images}")
 
@@ -219,7 +222,7 @@ def train_diffusion(cfg: DiffusionTrainingConfig, out_dir: str | Path, resume: b
     uncond = cache.unconditional()
 
     run.use_ema("unet")
-    objective = DiffusionLoss(NoiseSchedule.from_config(cfg.schedule), cfg.objective)
+    objective = DiffusionLoss(NoiseSchedule.from_config(cfg.schedule), cfg.objective, cfg.model.self_condition)
     scale_factor = autoencoder.config.scale_factor
     results: dict = {}
 

@@ -75,6 +75,9 @@ def load_teacher(cfg: DistillConfig) -> tuple[Text2ImagePipeline, PipelineFolder
     if not cfg.teacher:
         raise ConfigError("distill needs the trained teacher: --teacher DIR (a diffusion run or pipeline folder)")
     teacher = Text2ImagePipeline.from_pretrained(cfg.teacher)
+    if teacher.unet.config.self_condition:
+        raise ConfigError(f"--teacher {cfg.teacher}: a self-conditioned UNet (model.self_condition) cannot be "
+                          "distilled: the consistency student has no previous estimate to read")
     for module in (teacher.autoencoder, teacher.text_encoder, teacher.unet):
         module.eval().requires_grad_(False)
     return teacher, PipelineFolder.find(cfg.teacher)
