@@ -37,7 +37,7 @@ TEXT_KEYS = ("context", "uncond_context", "context_mask", "uncond_context_mask")
 
 def without_padding(cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The cond without the trailing token columns that no mask lets the UNet see (padding): the same
-    attention (a masked key weighs exactly 0), over ~10 tokens instead of the encoder's 77."""
+    attention (a masked key weighs exactly 0) over the longest prompt's tokens, not the encoder's full context."""
     used = torch.cat([cond[k] for k in ("context_mask", "uncond_context_mask") if k in cond]).any(0)  # (L,)
     length = int(used.nonzero().max()) + 1
     return {k: v[:, :length] if k in TEXT_KEYS else v for k, v in cond.items()}
