@@ -45,11 +45,11 @@ class Denoiser:
         s = sigma.view(-1, *([1] * (x.ndim - 1)))  # (B, 1, 1, 1)
         x_vp = x * (1 + s ** 2).rsqrt()
         t = self.schedule.sigma_to_t(sigma)  # (B,) continuous timesteps, float32 or float64
-        if not self.self_condition:
-            out = self.net(x_vp, t, cond["context"], context_mask=cond.get("context_mask"))
-        else:
-            last = self._last_x0 if self._last_x0 is not None and self._last_x0.shape == x.shape else None
-            out = self.net(x_vp, t, cond["context"], context_mask=cond.get("context_mask"), x0_estimate=last)
+        extra = {}
+        if self.self_condition:  # the last x0 of this batch's shape, else none (zeros: a first step)
+            last = self._last_x0
+            extra["x0_estimate"] = last if last is not None and last.shape == x.shape else None
+        out = self.net(x_vp, t, cond["context"], context_mask=cond.get("context_mask"), **extra)
         c_skip, c_out = self.prediction.scalings(s)
         x0 = c_skip * x + c_out * out
         if self.self_condition:

@@ -195,6 +195,11 @@ class SpatialTransformer(nn.Module):
         return x + h
 
 
+def cross_attentions(model: nn.Module) -> list[Attention]:
+    """Every cross-attention (attn2) of `model`'s transformer blocks."""
+    return [m.attn2 for m in model.modules() if isinstance(m, BasicTransformerBlock)]
+
+
 @contextmanager
 def reusing_text_projections(model: nn.Module) -> Iterator[None]:
     """Within the block, each cross-attention of `model` projects a text context to keys and values once
@@ -203,7 +208,7 @@ def reusing_text_projections(model: nn.Module) -> Iterator[None]:
     shapes preset's 24). Inference only (the kept keys carry no gradient for a later step); on leaving,
     nothing is kept.
     """
-    layers = [m.attn2 for m in model.modules() if isinstance(m, BasicTransformerBlock)]
+    layers = cross_attentions(model)
     for layer in layers:
         layer.reuse_projections = True
     try:
@@ -222,7 +227,7 @@ def recording_cross_attention(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     """
     if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
         raise ValueError("recording cross-attention does not work with gradient checkpointing")
-    layers = [m.attn2 for m in model.modules() if isinstance(m, BasicTransformerBlock)]
+    layers = cross_attentions(model)
     maps: list[torch.Tensor] = []
     for layer in layers:
         layer.record = maps.append
