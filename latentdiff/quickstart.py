@@ -33,8 +33,8 @@ PROMPTS = (
 )
 SEEDS_PER_PROMPT = 4
 # The quality preset's UNet steps (4x the quickstart's 1,700; the learning rate is constant, so a finished
-# quickstart's UNet continues to it). Judge mean over the categories and splits, 50 prompts: 0.57 at 1,700
-# steps, 0.70 at 3,400, 0.77 at 5,100, 0.79 at 6,800 (README, Results).
+# quickstart's UNet continues to it). Judge mean over the categories and splits, 50 prompts, on a 32-wide
+# autoencoder: 0.57 at 1,700 steps, 0.70 at 3,400, 0.77 at 5,100, 0.79 at 6,800 (README, Results).
 QUALITY_UNET_STEPS = 6800
 
 
@@ -43,7 +43,7 @@ def add_quickstart_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device for the final sampling (default: %(default)s)")
     parser.add_argument("--quality", action="store_true",
                         help=f"train the UNet {QUALITY_UNET_STEPS} steps, 4x the preset's (configs/diffusion/quality.yaml; "
-                             f"about 26 more minutes on 2 cores); continues a finished quickstart's UNet")
+                             f"about 24 more minutes on 2 cores); continues a finished quickstart's UNet")
 
 
 def run_stage(name: str, train, cfg, folder: Path) -> float | None:

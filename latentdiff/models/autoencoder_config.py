@@ -13,7 +13,7 @@ CHECKPOINT_KIND = "autoencoder"  # the "kind" of an autoencoder checkpoint folde
 class AutoencoderConfig:
     in_channels: int = 3              # image channels
     out_channels: int = 3
-    ch: int = 32                      # base width; level i has ch * ch_mult[i] channels
+    ch: int = 24                      # base width; level i has ch * ch_mult[i] channels
     ch_mult: tuple[int, ...] = (1, 2, 2)  # downsampling factor f = 2 ** (len(ch_mult) - 1)
     num_res_blocks: int = 1           # ResNet blocks per level (the decoder has one more)
     attn_resolutions: tuple[int, ...] = ()  # feature-map sizes (pixels) that get self-attention
