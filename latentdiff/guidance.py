@@ -5,6 +5,8 @@ from typing import Callable
 
 import torch
 
+TEXT_KEYS = ("context", "uncond_context", "context_mask", "uncond_context_mask")  # the (B, L, ...) entries of a cond
+
 
 class CFGDenoiser:
     """`D(x, sigma, cond) -> uncond + scale·(cond - uncond)`, both halves in one batched call.
@@ -23,8 +25,7 @@ class CFGDenoiser:
         self._doubled: tuple | None = None  # (the text tensors it was made from, (B, their versions), result)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: dict) -> torch.Tensor:
-        shared = {k: v for k, v in cond.items()
-                  if k not in ("context", "context_mask", "uncond_context", "uncond_context_mask")}
+        shared = {k: v for k, v in cond.items() if k not in TEXT_KEYS}
         if self.scale == 1:  # the unconditional half would be weighted by 0
             return self.denoiser(x, sigma, {**shared, "context": cond["context"],
                                             "context_mask": cond.get("context_mask")})
@@ -40,7 +41,7 @@ class CFGDenoiser:
     def _both_texts(self, cond: dict, B: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(2B, L, D) unconditional-then-conditional context and its (2B, L) mask or None; the same tensors
         at every step of a loop whose cond does not change, so that the UNet can reuse its text projections."""
-        texts = tuple(cond.get(k) for k in ("context", "uncond_context", "context_mask", "uncond_context_mask"))
+        texts = tuple(cond.get(k) for k in TEXT_KEYS)
         key = (B, *(None if t is None else t._version for t in texts))  # and the tensors themselves, by identity
         if self._doubled is not None and self._doubled[1] == key and all(
                 a is b for a, b in zip(self._doubled[0], texts)):

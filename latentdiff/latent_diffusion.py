@@ -17,7 +17,7 @@ import torch
 
 from .diffusion import Denoiser, NoiseSchedule
 from .generation_request import GenerationRequest
-from .guidance import CFGDenoiser
+from .guidance import TEXT_KEYS, CFGDenoiser
 from .models.attention import reusing_text_projections
 from .models.autoencoder import AutoencoderKL
 from .models.text_encoder import TextEncoder
@@ -30,9 +30,6 @@ from .stages import UNetRecord
 def seeded_generators(seeds: list[int]) -> list[torch.Generator]:
     """One CPU generator per seed."""
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
-
-
-TEXT_KEYS = ("context", "uncond_context", "context_mask", "uncond_context_mask")  # (B, L, ...) entries of a cond
 
 
 def without_padding(cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -11,6 +11,8 @@ t = 999, 759, 499, 259), where our lcm sampler takes them from the spacing (trai
 """
 from __future__ import annotations
 
+import copy
+
 from ..diffusion.schedules import ScheduleConfig
 from ..errors import CheckpointError
 from ..samplers import SamplingConfig
@@ -94,10 +96,10 @@ def schedule_to_diffusers(schedule: ScheduleConfig, prediction: str, sampling: S
         config["set_alpha_to_one"] = True
     if sampling.sampler == "ddpm":
         config["variance_type"] = "fixed_small"
+    # the fields an import checks (_DPM_FIXED, _UNIPC_FIXED) come from the same tables, so the two cannot drift
     if sampling.sampler == "dpmpp_2m":
-        config.update(algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", lower_order_final=True,
+        config.update(copy.deepcopy(_DPM_FIXED), solver_type="midpoint", lower_order_final=True,
                       final_sigmas_type="zero", thresholding=False)
     if sampling.sampler == "unipc":
-        config.update(solver_order=2, solver_type="bh2", predict_x0=True, lower_order_final=True,
-                      disable_corrector=[], final_sigmas_type="zero", thresholding=False)
+        config.update(copy.deepcopy(_UNIPC_FIXED), final_sigmas_type="zero", thresholding=False)
     return config
