@@ -2,6 +2,12 @@
 then draw a grid of images for a fixed set of prompts. `--quality` trains the UNet 4x as long
 (configs/diffusion/quality.yaml): two objects, counting and colour binding keep improving up to there.
 
+On a CPU with 2 or more threads the autoencoder and the text encoder train at once, each in a process of
+its own on half the threads, and the autoencoder takes every thread once the text encoder is done
+(train/shared_cores.py). The autoencoder's rounding then depends on when that happens (thread counts change
+the order of some sums), so two runs agree to float noise; `--sequential` trains the stages one after
+another, the same bits on every run of a machine.
+
 A stage that already finished is skipped and one that was interrupted is resumed, so running the
 command again after a crash continues where it stopped.
 """
@@ -44,6 +50,9 @@ def add_quickstart_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quality", action="store_true",
                         help=f"train the UNet {QUALITY_UNET_STEPS} steps, 4x the preset's (configs/diffusion/quality.yaml; "
                              f"about 24 more minutes on 2 cores); continues a finished quickstart's UNet")
+    parser.add_argument("--sequential", action="store_true",
+                        help="train the stages one after another (by default, on a CPU with 2 or more threads, the "
+                             "autoencoder and the text encoder train at once, in two processes)")
 
 
 def run_stage(name: str, train, cfg, folder: Path) -> float | None:
@@ -58,6 +67,59 @@ def run_stage(name: str, train, cfg, folder: Path) -> float | None:
           f"({cfg.train.steps} steps) into {folder}")
     start = time.time()
     train(cfg, folder, resume=done > 0)
+    return (time.time() - start) / 60
+
+
+def side_by_side(plan: list[tuple[str, object, object]], root: Path) -> bool:
+    """True when the first two stages (autoencoder, text encoder) both still need training, on a CPU with 2 or
+    more threads, in a process that no launcher started among several."""
+    import torch
+
+    from .train.distributed import launched_processes
+    from .train.loop import completed_steps
+
+    unfinished = all(completed_steps(root / name) < cfg.train.steps for name, _, cfg in plan[:2])
+    return (unfinished and torch.get_num_threads() >= 2 and not torch.cuda.is_available()
+            and launched_processes() == 1)
+
+
+def run_side_by_side(first: tuple[str, object, object], second: tuple[str, object, object], root: Path) -> float:
+    """Train `first` and `second` at once, each in a process of its own on half the threads; `first` takes
+    every thread once `second` is done. Returns the minutes until both are."""
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    import torch
+
+    from .train.loop import completed_steps
+    from .train.shared_cores import finish, start_training, stop
+
+    threads = torch.get_num_threads()
+    (name, train, cfg), (other, other_train, other_cfg) = first, second
+    log = root / other / "train.log"
+    other_done, done = completed_steps(root / other), completed_steps(root / name)
+    print(f"[quickstart] {other}: {'resuming at step ' + str(other_done) if other_done else 'training'} "
+          f"({other_cfg.train.steps} steps) into {root / other}, in a process of its own on {threads // 2} of "
+          f"{threads} threads (its output: {log})")
+    print(f"[quickstart] {name}: {'resuming at step ' + str(done) if done else 'training'} ({cfg.train.steps} "
+          f"steps) into {root / name}, beside it on {threads - threads // 2} of {threads} threads, then on all")
+    start = time.time()
+    second_done = multiprocessing.get_context("spawn").Event()
+    beside = start_training(other_train, other_cfg, root / other, other_done > 0, threads // 2, log)
+    here = start_training(train, cfg, root / name, done > 0, threads - threads // 2,
+                          more_threads=(second_done, threads))
+    running = {beside.sentinel: (beside, other, log), here.sentinel: (here, name, None)}
+    try:
+        while running:  # whichever ends first is checked first: a failure stops the other at once
+            for ended in wait(list(running)):
+                process, what, output = running.pop(ended)
+                finish(process, what, output)
+                if process is beside:
+                    second_done.set()
+    except BaseException:
+        stop(beside)
+        stop(here)
+        raise
     return (time.time() - start) / 60
 
 
@@ -89,7 +151,11 @@ def run_quickstart(args: argparse.Namespace) -> dict[str, float | None]:
     root = Path(args.out)
     start = time.time()
     plan = quickstart_plan(root, args.quality)
-    minutes = {name: run_stage(name, train, cfg, root / name) for name, train, cfg in plan}
+    minutes = {}
+    if not args.sequential and side_by_side(plan, root):
+        minutes["autoencoder + text_encoder side by side"] = run_side_by_side(plan[0], plan[1], root)
+        plan = plan[2:]
+    minutes.update({name: run_stage(name, train, cfg, root / name) for name, train, cfg in plan})
     grid = root / "quickstart_grid.png"
     draw_grid(root / "diffusion", grid, args.device)
     minutes["total"] = (time.time() - start) / 60

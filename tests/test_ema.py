@@ -23,3 +23,13 @@ def test_each_update_follows_the_warmed_up_decay_for_every_parameter():
         for b, got in zip(model.buffers(), ema.shadow.buffers()):
             assert torch.equal(got, b)
     assert all(not p.requires_grad for p in ema.shadow.parameters())
+
+
+def test_following_another_model_lists_its_tensors_afresh():
+    torch.manual_seed(0)
+    first, second = nn.Linear(3, 2), nn.Linear(3, 2)
+    ema = EMA(first, decay=0.0)  # decay 0: the shadow becomes the followed weights
+    ema.update(first)
+    ema.update(second)
+    for got, want in zip(ema.shadow.parameters(), second.parameters()):
+        assert torch.equal(got, want)

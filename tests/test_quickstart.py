@@ -1,8 +1,11 @@
 """`latentdiff quickstart` on tiny presets: trains the three stages, draws the grid, skips finished stages."""
+import time
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
+from test_shared_cores import two_threads  # noqa: F401 (a fixture)
 from test_train_autoencoder import TINY as TINY_AE
 from test_train_text_encoder import TINY as TINY_TE
 from tiny_stages import TINY_TRAINING
@@ -29,10 +32,17 @@ def tiny_plan(root: Path, quality: bool = False):
             ("diffusion", quickstart.train_diffusion, diffusion)]
 
 
-def test_quickstart_trains_everything_then_skips_what_is_done(tmp_path, monkeypatch, capsys):
+def test_quickstart_trains_everything_then_skips_what_is_done(tmp_path, monkeypatch, capsys, two_threads):
     monkeypatch.setattr(quickstart, "quickstart_plan", tiny_plan)
     assert main(["quickstart", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
+    # on 2 threads the text encoder trains in a process of its own on 1 of them, its output in its folder, and
+    # the autoencoder beside it in another
+    log = tmp_path / "text_encoder" / "train.log"
+    assert f"in a process of its own on 1 of 2 threads (its output: {log})" in out
+    assert "beside it on 1 of 2 threads, then on all" in out
+    assert "text_encoder: 100%" in log.read_text() and "autoencoder + text_encoder side by side" in out
+    assert torch.get_num_threads() == 2
     grid = Image.open(tmp_path / "quickstart_grid.png")
     rows = len(quickstart.PROMPTS)
     assert grid.height == 4 + rows * (4 * 16 + 4)  # one row per prompt, tiles enlarged 4x
@@ -51,6 +61,14 @@ def test_quickstart_trains_everything_then_skips_what_is_done(tmp_path, monkeypa
     assert completed_steps(tmp_path / "diffusion") == 8
 
 
+def test_sequential_trains_the_stages_one_after_another(tmp_path, monkeypatch, capsys, two_threads):
+    monkeypatch.setattr(quickstart, "quickstart_plan", tiny_plan)
+    assert main(["quickstart", "--out", str(tmp_path), "--sequential"]) == 0
+    out = capsys.readouterr().out
+    assert "process of its own" not in out and not (tmp_path / "text_encoder" / "train.log").exists()
+    assert [completed_steps(tmp_path / n) for n in ("autoencoder", "text_encoder", "diffusion")] == [6, 6, 4]
+
+
 @pytest.mark.parametrize("quality, preset", [(False, "shapes.yaml"), (True, "quality.yaml")])
 def test_the_quickstart_trains_the_shipped_diffusion_presets(quality, preset, tmp_path):
     diffusion = dict((name, cfg) for name, _, cfg in quickstart.quickstart_plan(tmp_path, quality))["diffusion"]
@@ -61,7 +79,7 @@ def test_the_quickstart_trains_the_shipped_diffusion_presets(quality, preset, tm
 
 @pytest.mark.slow
 def test_shipped_presets_place_single_objects(tmp_path):
-    """The quickstart with the shipped presets (about 16 minutes on 2 cores): the shapes judge passes
+    """The quickstart with the shipped presets (about 15 minutes on 2 cores): the shapes judge passes
     at least 80% of 100 single-object prompts (colour, shape and region) on each split (measured: 0.98 / 0.97);
     then the distill preset (about 2 minutes) makes a 4-step student of it that passes at least 75% (measured:
     0.97 / 0.96)."""
@@ -73,3 +91,21 @@ def test_shipped_presets_place_single_objects(tmp_path):
     student = evaluate(Text2ImagePipeline.from_pretrained(tmp_path / "distilled"), per_category=100)
     assert student["train"]["single_object"] >= 0.75, student
     assert student["heldout"]["single_object"] >= 0.75, student
+
+
+def failing_autoencoder_trainer(cfg, folder, resume=False):
+    raise ValueError("the autoencoder failed")
+
+
+def test_a_stage_failing_side_by_side_stops_the_other_at_once(tmp_path, monkeypatch, two_threads):
+    def plan(root, quality=False):
+        stages = tiny_plan(root, quality)
+        text_encoder = apply_overrides(stages[1][2], ["train.steps=100000"])  # would run for many minutes
+        return [("autoencoder", failing_autoencoder_trainer, stages[0][2]),
+                ("text_encoder", quickstart.train_text_encoder, text_encoder), stages[2]]
+
+    monkeypatch.setattr(quickstart, "quickstart_plan", plan)
+    started = time.time()
+    with pytest.raises(RuntimeError, match="autoencoder: training failed in its own process"):
+        main(["quickstart", "--out", str(tmp_path)])
+    assert time.time() - started < 60  # the text encoder's process was stopped, not waited for

@@ -45,6 +45,7 @@ from .distributed import check_same_config, make_accelerator, process_state, syn
 from .ema import EMA
 from .metrics import MetricsLog
 from .optim import LR_SCHEDULES, MIXED_PRECISIONS, lr_scale, resolve_mixed_precision
+from .shared_cores import reclaim_threads
 
 _told_no_tensorboard = False  # the note that TensorBoard is not installed is printed once per process
 
@@ -127,6 +128,9 @@ class TrainingRun:
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.ema: EMA | None = None
         self.ema_name: str | None = None
+        self.ema_source: nn.Module | None = None  # the unwrapped module the EMA follows
+        # each tracked module's parameters, listed once: walking a UNet's submodules costs ~1 ms per call
+        self.parameter_lists: dict[nn.Module, list[nn.Parameter]] = {}
         self.step = 0
         self.checkpoint_dir = self.out_dir / "checkpoints"
         self.samples_dir = self.out_dir / "samples"
@@ -195,13 +199,15 @@ class TrainingRun:
             module, optimizer = self.accelerator.prepare(module, optimizer)
             self.optimizers[name] = optimizer
         self.modules[name] = module
+        self.parameter_lists[module] = list(module.parameters())
         return (module, optimizer) if optimizer is not None else module
 
     def use_ema(self, name: str) -> EMA | None:
         """Keep an EMA of tracked module `name` when train.ema_decay > 0; checkpoints then export it."""
         if self.train.ema_decay > 0:
             self.ema_name = name
-            self.ema = EMA(self.unwrap(self.modules[name]), self.train.ema_decay).to(self.device)
+            self.ema_source = self.unwrap(self.modules[name])
+            self.ema = EMA(self.ema_source, self.train.ema_decay).to(self.device)
         return self.ema
 
     def unwrap(self, module: nn.Module) -> nn.Module:
@@ -245,6 +251,7 @@ class TrainingRun:
         bar = tqdm(total=self.train.steps, initial=start, disable=not self.is_main, dynamic_ncols=True,
                    desc=self.out_dir.name)
         for step in range(start, self.train.steps):
+            reclaim_threads()  # the quickstart's autoencoder: every thread once the text encoder beside it ends
             micro = [self._to_device(next(batches)) for _ in range(self.train.grad_accum)]
             for module in self.modules.values():
                 module.train()
@@ -265,13 +272,14 @@ class TrainingRun:
         self.accelerator.backward(loss / self.train.grad_accum)
 
     def clip_and_step(self, optimizer: torch.optim.Optimizer, module: nn.Module) -> float:
-        """Clip gradients (train.grad_clip; 0 = measure only), step, zero; returns the pre-clip gradient norm.
+        """Clip `module`'s gradients (train.grad_clip; 0 = measure only), step, zero; returns the pre-clip
+        gradient norm. `module` is one that `track` returned.
 
         A non-finite norm (the gradients are already averaged over processes, so every process sees the same
         one) skips the step with a warning; train.max_bad_steps such steps in a row stop the run (TrainingDiverged).
         """
         clip = self.train.grad_clip if self.train.grad_clip > 0 else float("inf")
-        norm = float(self.accelerator.clip_grad_norm_(module.parameters(), clip))
+        norm = float(self.accelerator.clip_grad_norm_(self.parameter_lists[module], clip))
         self.last_step_skipped = not math.isfinite(norm)
         if self.last_step_skipped:
             self.bad_steps += 1
@@ -290,7 +298,7 @@ class TrainingRun:
     def update_ema(self) -> None:
         """Call right after the optimizer step of the EMA'd module (before any checkpoint of that step)."""
         if self.ema is not None and not self.last_step_skipped:
-            self.ema.update(self.unwrap(self.modules[self.ema_name]))
+            self.ema.update(self.ema_source)
 
     def due(self, step: int, every: int) -> bool:
         """True after the `every`-th step and after the last one."""
