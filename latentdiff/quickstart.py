@@ -55,6 +55,12 @@ def add_quickstart_arguments(parser: argparse.ArgumentParser) -> None:
                              "autoencoder and the text encoder train at once, in two processes)")
 
 
+def starting(name: str, cfg, folder: Path, done: int) -> str:
+    """The line announcing a stage that trains (`done` steps already: it resumes)."""
+    return (f"[quickstart] {name}: {'resuming at step ' + str(done) if done else 'training'} "
+            f"({cfg.train.steps} steps) into {folder}")
+
+
 def run_stage(name: str, train, cfg, folder: Path) -> float | None:
     """Train one stage unless it already finished; returns the minutes it took (None when skipped)."""
     from .train.loop import completed_steps
@@ -63,8 +69,7 @@ def run_stage(name: str, train, cfg, folder: Path) -> float | None:
     if done >= cfg.train.steps:
         print(f"[quickstart] {name}: already trained ({done} steps) in {folder}, skipping")
         return None
-    print(f"[quickstart] {name}: {'resuming at step ' + str(done) if done else 'training'} "
-          f"({cfg.train.steps} steps) into {folder}")
+    print(starting(name, cfg, folder, done))
     start = time.time()
     train(cfg, folder, resume=done > 0)
     return (time.time() - start) / 60
@@ -98,11 +103,10 @@ def run_side_by_side(first: tuple[str, object, object], second: tuple[str, objec
     (name, train, cfg), (other, other_train, other_cfg) = first, second
     log = root / other / "train.log"
     other_done, done = completed_steps(root / other), completed_steps(root / name)
-    print(f"[quickstart] {other}: {'resuming at step ' + str(other_done) if other_done else 'training'} "
-          f"({other_cfg.train.steps} steps) into {root / other}, in a process of its own on {threads // 2} of "
+    print(f"{starting(other, other_cfg, root / other, other_done)}, in a process of its own on {threads // 2} of "
           f"{threads} threads (its output: {log})")
-    print(f"[quickstart] {name}: {'resuming at step ' + str(done) if done else 'training'} ({cfg.train.steps} "
-          f"steps) into {root / name}, beside it on {threads - threads // 2} of {threads} threads, then on all")
+    print(f"{starting(name, cfg, root / name, done)}, beside it on {threads - threads // 2} of {threads} threads, "
+          f"then on all")
     start = time.time()
     second_done = multiprocessing.get_context("spawn").Event()
     beside = start_training(other_train, other_cfg, root / other, other_done > 0, threads // 2, log)
