@@ -114,8 +114,9 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
                            lambda p: add_training_arguments(p, "train-text-encoder"), run_train_text_encoder),
     "train-diffusion": ("train the text-conditioned UNet on the frozen stages 1 and 2 (stage 3)",
                         add_diffusion_arguments, run_train_diffusion),
-    "distill": ("distil a trained UNet into a few-step student with guidance built in (latent consistency "
-                "distillation; sample it with the lcm sampler)", add_distill_arguments, run_distill),
+    "distill": ("distil a trained UNet into a student with guidance built in: a few-step consistency student "
+                "(the lcm sampler; method=consistency, the default) or one that samples as its teacher at one UNet "
+                "call per step (method=guidance)", add_distill_arguments, run_distill),
     "generate": ("generate images from prompts (PNGs carry their parameters)",
                  add_generate_arguments, run_generate),
     "eval": ("score a pipeline: shapes judge per category (train and held-out compositions), FID, CLIP score",

@@ -24,7 +24,8 @@ TINY = BenchCase(UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_bloc
                             num_heads=2, context_dim=8, norm_groups=4), latent_size=8, context_length=5, batch=2)
 ROWS = ("GEMM peak float32", "GEMM peak bfloat16", "autoencoder train step", "text encoder train step",
         "UNet train step", "UNet forward", "VAE decode", "generation", "generation, padding hidden as trained here",
-        "generation, student")
+        "generation, consistency student", "generation, guidance student")
+STUDENTS = ("generation, consistency student", "generation, guidance student")
 TWINS = ("UNet train step", "UNet forward", "VAE decode", "generation")
 
 
@@ -83,19 +84,22 @@ def tiny_case() -> BenchCase:
 def test_bench_all_times_every_row_and_the_twins_agree():
     table = bench_stages.bench_all(tiny_workload(), tiny_case(), repeats=1, gemm_size=64)
     assert [row.name.split(" (")[0] for row in table.peaks + table.rows] == list(ROWS)
-    assert "ours: 4 steps lcm, no guidance; diffusers: 3 steps dpmpp_2m, cfg 5" in table.rows[-1].name
+    assert "ours: 4 steps lcm, no guidance; diffusers: 3 steps dpmpp_2m, cfg 5" in table.rows[-2].name
+    teacher = tiny_workload().diffusion.sampling  # the guidance student samples as its teacher, unguided
+    assert f"ours: {teacher.steps} steps {teacher.sampler}, no guidance;" in table.rows[-1].name
     for row in table.peaks + table.rows:
         implementations = ("latentdiff", "diffusers") if row.name.startswith(TWINS) else ("latentdiff",)
         assert tuple(row.seconds) == tuple(row.flops) == implementations, row
         for name in implementations:
             assert math.isfinite(row.gflops_per_second(name)) and row.seconds[name] > 0 and row.flops[name] > 0, row
-        if row.name.startswith(("generation, student", "generation, padding")):  # not diffusers' images
+        if row.name.startswith((*STUDENTS, "generation, padding")):  # not diffusers' images
             assert row.max_diff is None, row
-        if row.name.startswith("generation"):  # the text projected once per call, not once per step
-            assert row.flops["latentdiff"] < row.flops["diffusers"], row
+        if row.name.startswith("generation"):
+            if not row.name.startswith(STUDENTS):  # at the same settings: the text projected once per call
+                assert row.flops["latentdiff"] < row.flops["diffusers"], row
         elif row.ratio is not None:
             assert math.isfinite(row.ratio) and row.max_diff < 1e-3, row  # same weights, same noise: same outputs
-    assert table.rows[-3].max_diff < 1e-3  # generation at diffusers' own settings: diffusers' images
+    assert table.rows[-4].max_diff < 1e-3  # generation at diffusers' own settings: diffusers' images
     assert table.peak.name == "GEMM peak float32" and table.peak.flops["latentdiff"] == 2 * 64 ** 3
     text = bench_stages.format_table(table)
     assert all(f"| {name}" in text for name in ROWS) and not re.search(r"\b(nan|inf)\b", text)

@@ -1,5 +1,6 @@
-"""Consistency distillation: the loss's mechanics on fake denoisers, and `latentdiff distill` end to end on tiny
-stages (what the student records, how it samples, resume after a kill, bad input)."""
+"""Consistency and guidance distillation: the losses' mechanics on fake denoisers, and `latentdiff distill` end to
+end on tiny stages (what the student records, how it samples, resume after a kill, bad input)."""
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from latentdiff.cli import main
 from latentdiff.config import apply_overrides, load_config
 from latentdiff.diffusion import Denoiser, NoiseSchedule
 from latentdiff.diffusion.consistency import consistency_distillation_loss, grid_levels, teacher_step
+from latentdiff.diffusion.guidance_distillation import guidance_distillation_loss
 from latentdiff.diffusion.schedules import ScheduleConfig
 from latentdiff.guidance import CFGDenoiser
 from latentdiff.models.unet import UNet
@@ -99,6 +101,40 @@ def test_the_gradient_flows_through_the_prediction_only():
     assert net.weight.grad is not None and net.weight.grad.abs().sum() > 0
 
 
+def test_guidance_distillation_is_the_eps_loss_against_the_guided_teacher():
+    """The loss is |ε̂_student - (ε̂_u + w·(ε̂_c - ε̂_u))|² at x = z + σ(t)·ε, t and ε drawn in that order."""
+    net = torch.nn.Conv2d(4, 4, 1)
+    student_net = lambda x, t, context, context_mask=None: net(x)  # noqa: E731
+    student, teacher = Denoiser(student_net, SCHEDULE, "eps"), Denoiser(fake_net, SCHEDULE, "eps")
+    z, cond, teacher_cond = batch()
+    loss = guidance_distillation_loss(student, CFGDenoiser(teacher, 4.0), z, cond, teacher_cond, SCHEDULE,
+                                      torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    t = torch.randint(1000, (3,), generator=g)
+    noise = torch.randn(z.shape, generator=g)
+    sigma = SCHEDULE.t_to_sigma(t).float().view(-1, 1, 1, 1)
+    x_vp = (z + sigma * noise) * (1 + sigma ** 2).rsqrt()
+    eps_c = fake_net(x_vp, t, cond["context"])
+    eps_u = fake_net(x_vp, t, torch.zeros_like(cond["context"]))
+    wanted = eps_u + 4.0 * (eps_c - eps_u)
+    with torch.no_grad():
+        expected = (net(x_vp) - wanted).pow(2).mean()
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-4, atol=1e-6)
+    loss.backward()
+    assert net.weight.grad.abs().sum() > 0
+
+
+def test_guidance_distillation_is_zero_for_the_guided_teacher_and_at_guidance_one_for_the_teacher():
+    teacher = Denoiser(fake_net, SCHEDULE, "eps")
+    z, cond, teacher_cond = batch()
+    guided = CFGDenoiser(teacher, 3.0)
+    g = torch.Generator().manual_seed(0)
+    assert guidance_distillation_loss(lambda x, s, c: guided(x, s, teacher_cond), guided, z, cond, teacher_cond,
+                                      SCHEDULE, g).item() < 1e-10
+    assert guidance_distillation_loss(teacher, CFGDenoiser(teacher, 1.0), z, cond, teacher_cond, SCHEDULE, g) == 0
+    assert guidance_distillation_loss(teacher, guided, z, cond, teacher_cond, SCHEDULE, g) > 1e-4
+
+
 # ---------------------------------------------------------------------------------------------
 # latentdiff distill on tiny stages
 # ---------------------------------------------------------------------------------------------
@@ -122,7 +158,7 @@ def test_student_records_its_teacher_and_samples_in_few_steps_without_guidance(s
     student, teacher = UNet.from_pretrained(out), UNet.from_pretrained(stages["unet"])
     meta = student.identity.metadata
     assert meta["distilled_from"] == {"teacher": str(stages["unet"]), "weights_hash": teacher.identity.weights_hash,
-                                      "guidance_scale": 3.0, "grid_steps": 5}
+                                      "method": "consistency", "guidance_scale": 3.0, "grid_steps": 5}
     assert meta["sampling"] == {"sampler": "lcm", "steps": 4, "guidance_scale": 1.0, "spacing": "trailing",
                                 "steps_offset": 1}
     assert student.config == teacher.config
@@ -134,6 +170,23 @@ def test_student_records_its_teacher_and_samples_in_few_steps_without_guidance(s
     assert images.shape == (2, 3, 16, 16) and images.isfinite().all()
     assert calls == [2, 2, 2, 2]  # 4 steps, one unguided call each
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["preview-0000003.png", "preview-0000006.png"]
+
+
+def test_a_guidance_student_samples_as_its_teacher_does_in_one_call_per_step(stages, tmp_path):
+    out = tmp_path / "student"
+    distill(tiny_config(stages, "method=guidance", "guidance_scale=3", f"cache_dir={tmp_path / 'cache'}"), out)
+    teacher = Text2ImagePipeline.from_pretrained(stages["unet"])
+    meta = UNet.from_pretrained(out).identity.metadata
+    assert meta["distilled_from"] == {"teacher": str(stages["unet"]), "method": "guidance", "guidance_scale": 3.0,
+                                      "weights_hash": teacher.unet.identity.weights_hash}
+    assert teacher.sampling.guidance_scale > 1
+    assert meta["sampling"] == {**dataclasses.asdict(teacher.sampling), "guidance_scale": 1.0}
+    pipe = Text2ImagePipeline.from_pretrained(out)
+    calls = []
+    pipe.unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    images = pipe(["a red circle", "a blue square"], seed=0, output_type="pt").images
+    assert images.shape == (2, 3, 16, 16) and images.isfinite().all()
+    assert calls == [2] * teacher.sampling.steps  # the teacher's steps, one unguided call each
 
 
 def test_killed_distillation_resumes_to_the_same_weights(stages, tmp_path, monkeypatch):
@@ -174,6 +227,10 @@ def test_bad_settings_are_refused_by_name():
         DistillConfig(guidance_scale=-1)
     with pytest.raises(Exception, match="ema_target: needs train.ema_decay > 0"):
         apply_overrides(DistillConfig(), ["ema_target=true", "train.ema_decay=0"])
+    with pytest.raises(Exception, match="method: 'lcm' is not one of"):
+        DistillConfig(method="lcm")
+    with pytest.raises(Exception, match="ema_target, huber_c: consistency distillation only, not method='guidance'"):
+        DistillConfig(method="guidance", huber_c=0.1)
 
 
 def test_shapes_preset_file_is_the_dataclass_defaults():

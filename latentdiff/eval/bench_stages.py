@@ -4,8 +4,9 @@ Rows: the GEMM peak (fp32 and bf16 `torch.mm`, measured first on the same device
 text-encoder and UNet training steps (forward + loss + backward, no optimizer), the UNet forward, the VAE
 decode and end-to-end generation (DPM++ 2M against diffusers' StableDiffusionPipeline loaded from our
 pipeline exported to diffusers format, the same prompts and initial noise; the same with the padding tokens
-hidden from our UNet, as a pipeline trained here does; and our pipeline sampling as a distilled student
-does, 4 unguided steps, against the same diffusers call). Weights are random, built from
+hidden from our UNet, as a pipeline trained here does; and our pipeline sampling as each kind of distilled
+student does, padding hidden, against the same diffusers call: a consistency student in 4 unguided steps, a
+guidance student as the diffusion preset samples but unguided). Weights are random, built from
 the shapes presets with no zero layer, so that the twins' outputs differ where their arithmetic does.
 
 In bf16 (or fp16) the autoencoder and text-encoder steps run as their trainers' mixed precision does (fp32
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import tempfile
 import warnings
 from dataclasses import dataclass, field, replace
@@ -50,8 +52,16 @@ class Workload:
     spacing: str = "trailing"        # where both space timesteps alike (diffusers' DPM++ has its own "leading")
 
 
-# how a distilled student (train/distill.py) samples by default: one unguided UNet call per step
-STUDENT_SAMPLING = {"sampler": "lcm", "num_inference_steps": 4, "guidance_scale": 1.0}
+# how a consistency student (train/distill.py) samples by default: one unguided UNet call per step
+CONSISTENCY_SAMPLING = {"sampler": "lcm", "num_inference_steps": 4, "guidance_scale": 1.0}
+
+
+def student_samplings(workload: Workload) -> dict[str, dict]:
+    """Each kind of distilled student (train/distill.py METHODS) and how it samples by default: the consistency
+    student in 4 steps; the guidance student as its teacher (the diffusion preset) does, without guidance."""
+    teacher = workload.diffusion.sampling
+    return {"consistency": CONSISTENCY_SAMPLING,
+            "guidance": {"sampler": teacher.sampler, "num_inference_steps": teacher.steps, "guidance_scale": 1.0}}
 
 
 def shapes_workload() -> Workload:
@@ -197,9 +207,9 @@ def generation(workload: Workload, pipe, repeats: int, device: torch.device, dty
     """`pipe` against diffusers' StableDiffusionPipeline read from its diffusers export: the same prompts,
     steps, guidance, and initial noise (seed k for image k, drawn as our pipeline draws it); then, against the
     same diffusers call, `pipe` as a pipeline trained here records it (padding tokens hidden from the UNet,
-    which diffusers cannot do, so the images differ and no difference is shown), and `pipe` as a distilled
-    student samples (STUDENT_SAMPLING: the architecture is the student's, so this is the time a student
-    takes; its images are not diffusers' either)."""
+    which diffusers cannot do, so the images differ and no difference is shown), and that pipeline as each
+    kind of distilled student samples (student_samplings: the architecture is the student's, so this is the
+    time a student takes; its images are not diffusers' either)."""
     from ..latent_diffusion import seeded_generators
     from ..samplers import randn_per_sample
 
@@ -211,8 +221,9 @@ def generation(workload: Workload, pipe, repeats: int, device: torch.device, dty
     trained_here.record = replace(pipe.record, context_mask=True)
     same = {"latentdiff": lambda: pipe(prompts, seed=0, height=size, width=size, **options).images}
     masked = {"latentdiff": lambda: trained_here(prompts, seed=0, height=size, width=size, **options).images}
-    student = {"latentdiff": lambda: pipe(prompts, seed=0, height=size, width=size, output_type="np",
-                                          **STUDENT_SAMPLING).images}
+    students = {method: {"latentdiff": functools.partial(trained_here, prompts, seed=0, height=size, width=size,
+                                                         output_type="np", **sampling)}
+                for method, sampling in student_samplings(workload).items()}
     settings = f"{workload.steps} steps {workload.sampler}, cfg {workload.guidance_scale:g}"
     diffusers = quiet_diffusers()
     with tempfile.TemporaryDirectory() as tmp:
@@ -228,13 +239,13 @@ def generation(workload: Workload, pipe, repeats: int, device: torch.device, dty
             twin.set_progress_bar_config(disable=True)
             noise = randn_per_sample(pipe.latent_shape(batch, size, size), seeded_generators(list(range(batch))),
                                      dtype=dtype, device=device)  # (B, C, h, w), as our pipeline draws it
-            same["diffusers"] = masked["diffusers"] = student["diffusers"] = (
-                lambda: twin(prompts, latents=noise, height=size, width=size, **options).images)
+            for calls in (same, masked, *students.values()):
+                calls["diffusers"] = lambda: twin(prompts, latents=noise, height=size, width=size, **options).images
         return [_row(f"generation ({settings})", batch, same, repeats, device, lambda a, b: float(np.abs(a - b).max())),
                 _row(f"generation, padding hidden as trained here ({settings})", batch, masked, repeats, device),
-                _row(f"generation, student (ours: {STUDENT_SAMPLING['num_inference_steps']} steps "
-                     f"{STUDENT_SAMPLING['sampler']}, no guidance; diffusers: {settings})", batch, student, repeats,
-                     device)]
+                *(_row(f"generation, {method} student (ours: {sampling['num_inference_steps']} steps "
+                       f"{sampling['sampler']}, no guidance; diffusers: {settings})", batch, students[method], repeats,
+                       device) for method, sampling in student_samplings(workload).items())]
 
 
 def _name(dtype: torch.dtype) -> str:

@@ -157,7 +157,7 @@ def open_latent_cache(cfg, run: TrainingRun, record: UNetRecord, autoencoder: Au
 def save_preview(model: LatentDiffusion, cfg: DiffusionTrainingConfig, path: Path) -> tuple[torch.Tensor, list[str]]:
     """One row per preview prompt, written beside it, `preview_images` seeds per row (seeds 0, 1, ..., the same
     every time), drawn with the run's default sampling settings; returns the (B, 3, H, W) images and prompts."""
-    n, sampling = cfg.preview_images, cfg.sampling
+    n, sampling = cfg.preview_images, model.sampling
     prompts = [p for p in cfg.preview_prompts for _ in range(n)]
     seeds = list(range(len(prompts)))
     request = GenerationRequest(prompts, None, seeds, seeded_generators(seeds), sampling.steps,
