@@ -19,9 +19,9 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ..config import check_choice
 from ..data import DataConfig
 from ..diffusion import Denoiser
-from ..config import check_choice
 from ..diffusion.consistency import consistency_distillation_loss
 from ..diffusion.guidance_distillation import guidance_distillation_loss
 from ..errors import ConfigError
