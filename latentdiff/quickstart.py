@@ -171,4 +171,6 @@ def run_quickstart(args: argparse.Namespace) -> dict[str, float | None]:
     print(f'[quickstart] try: latentdiff generate "a red circle in the top left" --pipeline {root / "diffusion"} --n 4')
     print(f"[quickstart] a 4-step student (about 2 minutes): latentdiff distill --teacher {root / 'diffusion'} "
           f"--out {root / 'distilled'}")
+    print(f"[quickstart] or one that samples as this model does, unguided (about 2 minutes): latentdiff distill "
+          f"--teacher {root / 'diffusion'} --out {root / 'guided'} method=guidance")
     return minutes
