@@ -102,7 +102,7 @@ def test_the_gradient_flows_through_the_prediction_only():
 
 
 def test_guidance_distillation_is_the_eps_loss_against_the_guided_teacher():
-    """The loss is |ε̂_student - (ε̂_u + w·(ε̂_c - ε̂_u))|² at x = z + σ(t)·ε, t and ε drawn in that order."""
+    """The loss is |ε̂_student - (ε̂_u + w·(ε̂_c - ε̂_u))|² at x = z + σ(t)·ε (t, then ε drawn)."""
     net = torch.nn.Conv2d(4, 4, 1)
     student_net = lambda x, t, context, context_mask=None: net(x)  # noqa: E731
     student, teacher = Denoiser(student_net, SCHEDULE, "eps"), Denoiser(fake_net, SCHEDULE, "eps")
