@@ -22,10 +22,10 @@ from latentdiff.train.text_encoder import TextEncoderTrainingConfig
 
 TINY = BenchCase(UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
                             num_heads=2, context_dim=8, norm_groups=4), latent_size=8, context_length=5, batch=2)
+STUDENTS = ("generation, consistency student", "generation, guidance student")
 ROWS = ("GEMM peak float32", "GEMM peak bfloat16", "autoencoder train step", "text encoder train step",
         "UNet train step", "UNet forward", "VAE decode", "generation", "generation, padding hidden as trained here",
-        "generation, consistency student", "generation, guidance student")
-STUDENTS = ("generation, consistency student", "generation, guidance student")
+        *STUDENTS)
 TWINS = ("UNet train step", "UNet forward", "VAE decode", "generation")
 
 

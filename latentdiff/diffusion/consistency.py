@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from ..batch_random import BatchGenerator, draw
+from .losses import sample_noise
 
 Generator = torch.Generator | BatchGenerator | None
 
@@ -53,7 +54,7 @@ def consistency_distillation_loss(student: Callable, teacher: Callable, z: torch
     grid = grid.to(z.device, z.dtype)
     n = grid_levels(grid, z.shape[0], generator, z)  # (B,)
     sigma, sigma_next = grid[n], grid[n + 1]  # (B,) each
-    noise = draw(torch.randn, tuple(z.shape), generator, z, dtype=z.dtype)
+    noise = sample_noise(z, generator)
     x = z + sigma.view(-1, 1, 1, 1) * noise
     with torch.no_grad():
         x_next = teacher_step(teacher, x, sigma, sigma_next, teacher_cond)

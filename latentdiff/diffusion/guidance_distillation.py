@@ -16,8 +16,8 @@ from typing import Callable
 
 import torch
 
-from ..batch_random import BatchGenerator, draw
-from .losses import sample_timesteps
+from ..batch_random import BatchGenerator
+from .losses import sample_noise, sample_timesteps
 from .schedules import NoiseSchedule
 
 Generator = torch.Generator | BatchGenerator | None
@@ -31,7 +31,7 @@ def guidance_distillation_loss(student: Callable, teacher: Callable, z: torch.Te
     "uncond_context")."""
     t = sample_timesteps(z, schedule.num_train_timesteps, generator)  # (B,)
     sigma = schedule.t_to_sigma(t).to(z.device, z.dtype)  # (B,)
-    noise = draw(torch.randn, tuple(z.shape), generator, z, dtype=z.dtype)
+    noise = sample_noise(z, generator)
     s = sigma.view(-1, 1, 1, 1)
     x = z + s * noise
     with torch.no_grad():

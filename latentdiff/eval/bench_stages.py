@@ -33,6 +33,7 @@ from ..quickstart import PROMPTS
 from ..train.autoencoder import AutoencoderTrainingConfig
 from ..train.autoencoder_loss import AutoencoderLoss
 from ..train.diffusion import DiffusionTrainingConfig
+from ..train.distill import METHODS, DistillConfig, student_sampling
 from ..train.text_encoder import TextEncoderTrainingConfig
 from .bench import BenchCase
 from .bench_timing import GEMM_SIZE, GEMM_TRIES, gemm_peak, time_in_turn
@@ -52,16 +53,14 @@ class Workload:
     spacing: str = "trailing"        # where both space timesteps alike (diffusers' DPM++ has its own "leading")
 
 
-# how a consistency student (train/distill.py) samples by default: one unguided UNet call per step
-CONSISTENCY_SAMPLING = {"sampler": "lcm", "num_inference_steps": 4, "guidance_scale": 1.0}
-
-
 def student_samplings(workload: Workload) -> dict[str, dict]:
-    """Each kind of distilled student (train/distill.py METHODS) and how it samples by default: the consistency
-    student in 4 steps; the guidance student as its teacher (the diffusion preset) does, without guidance."""
-    teacher = workload.diffusion.sampling
-    return {"consistency": CONSISTENCY_SAMPLING,
-            "guidance": {"sampler": teacher.sampler, "num_inference_steps": teacher.steps, "guidance_scale": 1.0}}
+    """Each kind of distilled student (train/distill.py METHODS) and the pipeline arguments it samples with by
+    default, a student of the diffusion preset: the consistency student in 4 steps; the guidance student as
+    its teacher does, without guidance."""
+    samplings = {method: student_sampling(DistillConfig(method=method), workload.diffusion.sampling)
+                 for method in METHODS}
+    return {method: {"sampler": s.sampler, "num_inference_steps": s.steps, "guidance_scale": s.guidance_scale}
+            for method, s in samplings.items()}
 
 
 def shapes_workload() -> Workload:
@@ -221,9 +220,10 @@ def generation(workload: Workload, pipe, repeats: int, device: torch.device, dty
     trained_here.record = replace(pipe.record, context_mask=True)
     same = {"latentdiff": lambda: pipe(prompts, seed=0, height=size, width=size, **options).images}
     masked = {"latentdiff": lambda: trained_here(prompts, seed=0, height=size, width=size, **options).images}
+    samplings = student_samplings(workload)
     students = {method: {"latentdiff": functools.partial(trained_here, prompts, seed=0, height=size, width=size,
                                                          output_type="np", **sampling)}
-                for method, sampling in student_samplings(workload).items()}
+                for method, sampling in samplings.items()}
     settings = f"{workload.steps} steps {workload.sampler}, cfg {workload.guidance_scale:g}"
     diffusers = quiet_diffusers()
     with tempfile.TemporaryDirectory() as tmp:
@@ -245,7 +245,7 @@ def generation(workload: Workload, pipe, repeats: int, device: torch.device, dty
                 _row(f"generation, padding hidden as trained here ({settings})", batch, masked, repeats, device),
                 *(_row(f"generation, {method} student (ours: {sampling['num_inference_steps']} steps "
                        f"{sampling['sampler']}, no guidance; diffusers: {settings})", batch, students[method], repeats,
-                       device) for method, sampling in student_samplings(workload).items())]
+                       device) for method, sampling in samplings.items())]
 
 
 def _name(dtype: torch.dtype) -> str:
