@@ -1,5 +1,5 @@
 """`latentdiff quickstart`: train all three stages on the built-in shapes data with the CPU presets,
-then draw a grid of images for a fixed set of prompts. `--quality` trains the UNet 4x as long
+then draw a grid of images for a fixed set of prompts. `--quality` trains the UNet 6x as long
 (configs/diffusion/quality.yaml): two objects, counting and colour binding keep improving up to there.
 
 On a CPU with 2 or more threads the autoencoder and the text encoder train at once, each in a process of
@@ -38,18 +38,20 @@ PROMPTS = (
     "a blue triangle to the left of a yellow diamond",
 )
 SEEDS_PER_PROMPT = 4
-# The quality preset's UNet steps (4x the quickstart's 1,700; the learning rate is constant, so a finished
+# The quality preset's UNet steps (6x the quickstart's 1,700; the learning rate is constant, so a finished
 # quickstart's UNet continues to it). Judge mean over the categories and splits, 50 prompts, on a 32-wide
-# autoencoder: 0.57 at 1,700 steps, 0.70 at 3,400, 0.77 at 5,100, 0.79 at 6,800 (README, Results).
-QUALITY_UNET_STEPS = 6800
+# autoencoder: 0.57 at 1,700 steps, 0.70 at 3,400, 0.77 at 5,100, 0.79 at 6,800; on the 24-wide preset, 200
+# prompts: 0.863 at 6,800, 0.882 at 8,500, 0.891 at 10,200 (one run; a second 0.855 at 10,200; README,
+# Results). 10,200 keeps the whole `quickstart --quality` within an hour on 2 cores (55.7 min).
+QUALITY_UNET_STEPS = 10200
 
 
 def add_quickstart_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="weights", help="folder for the three stages and the grid (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="torch device for the final sampling (default: %(default)s)")
     parser.add_argument("--quality", action="store_true",
-                        help=f"train the UNet {QUALITY_UNET_STEPS} steps, 4x the preset's (configs/diffusion/quality.yaml; "
-                             f"about 24 more minutes on 2 cores); continues a finished quickstart's UNet")
+                        help=f"train the UNet {QUALITY_UNET_STEPS} steps, 6x the preset's (configs/diffusion/quality.yaml; "
+                             f"about 41 more minutes on 2 cores); continues a finished quickstart's UNet")
     parser.add_argument("--sequential", action="store_true",
                         help="train the stages one after another (by default, on a CPU with 2 or more threads, the "
                              "autoencoder and the text encoder train at once, in two processes)")

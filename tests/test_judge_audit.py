@@ -142,7 +142,7 @@ DATA = Path(__file__).parent / "data"
 
 # Generated images read by eye, twice, by readers who saw neither the judge's verdicts nor each other's
 # (human.jsonl, human2.jsonl; notes on every fail): an earlier quickstart-preset model (the held-out
-# position and colour-binding images not kept), the README's ch-32 quickstart model, its --quality model
+# position and colour-binding images not kept), the README's ch-32 quickstart model, its UNet at 6,800 steps
 # on the prompts of seed 1, and the preset's quickstart model on the prompts of seed 2 (read after the
 # judge's rules were settled: its out-of-sample check). The floors are what the judge reaches now
 # (README: Results, the judge audit): a change to the judge must not agree less with either the first
