@@ -239,8 +239,11 @@ def generation(workload: Workload, pipe, repeats: int, device: torch.device, dty
             twin.set_progress_bar_config(disable=True)
             noise = randn_per_sample(pipe.latent_shape(batch, size, size), seeded_generators(list(range(batch))),
                                      dtype=dtype, device=device)  # (B, C, h, w), as our pipeline draws it
+            def diffusers_call():  # the one diffusers call every row is timed against
+                return twin(prompts, latents=noise, height=size, width=size, **options).images
+
             for calls in (same, masked, *students.values()):
-                calls["diffusers"] = lambda: twin(prompts, latents=noise, height=size, width=size, **options).images
+                calls["diffusers"] = diffusers_call
         return [_row(f"generation ({settings})", batch, same, repeats, device, lambda a, b: float(np.abs(a - b).max())),
                 _row(f"generation, padding hidden as trained here ({settings})", batch, masked, repeats, device),
                 *(_row(f"generation, {method} student (ours: {sampling['num_inference_steps']} steps "
