@@ -11,7 +11,7 @@ SAMPLES = 120
 
 
 class CaptionLookupEncoder(torch.nn.Module):
-    """Embeds a caption as the sum of its words' random integer vectors, each weighted by its place (ordered) or
+    """Embeds a caption as the normalised sum of its words' random integer vectors, each weighted by its place (ordered) or
     not (a bag of words); embeds a picture as its own canonical caption, looked up by its pixels."""
 
     def __init__(self, dataset: ShapesDataset, ordered: bool):
@@ -27,9 +27,10 @@ class CaptionLookupEncoder(torch.nn.Module):
             self.vectors[word] = torch.randint(-8, 9, (64,), generator=generator).double()
         return self.vectors[word]
 
-    def text_embedding(self, captions):
-        return torch.stack([sum((k + 1 if self.ordered else 1) * self.word(w) for k, w in enumerate(c.split()))
+    def text_embedding(self, captions):  # unit vectors, as TextEncoder's
+        sums = torch.stack([sum((k + 1 if self.ordered else 1) * self.word(w) for k, w in enumerate(c.split()))
                             for c in captions])
+        return torch.nn.functional.normalize(sums, dim=-1)
 
     def image_embedding(self, images):
         return self.text_embedding([self.captions[image.numpy().tobytes()] for image in images])

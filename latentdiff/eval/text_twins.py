@@ -38,8 +38,9 @@ def twin_preference(encoder, dataset: ShapesDataset, samples: int = 400, batch_s
                  for truth in truths]
         captions = [caption_sample(truth) for truth in truths]
         flat = [(row, kind, caption) for row, found in enumerate(twins) for kind, caption in found.items()]
-        images = unit(encoder.image_embedding(torch.stack([dataset[i]["image"] for i in indices])))  # (N, P)
-        texts = unit(encoder.text_embedding(captions + [caption for _, _, caption in flat]))        # (N + T, P)
+        # unit vectors, as the encoder returns them: a dot product is the cosine
+        images = encoder.image_embedding(torch.stack([dataset[i]["image"] for i in indices]))  # (N, P)
+        texts = encoder.text_embedding(captions + [caption for _, _, caption in flat])        # (N + T, P)
         own = (images * texts[:len(captions)]).sum(-1)                                             # (N,)
         for (row, kind, _), text in zip(flat, texts[len(captions):]):
             totals[kind] += 1
@@ -47,10 +48,6 @@ def twin_preference(encoder, dataset: ShapesDataset, samples: int = 400, batch_s
     encoder.train(was_training)
     kinds = [kind for kind in HARD_NEGATIVE_KINDS if totals[kind]]
     return {**{kind: wins[kind] / totals[kind] for kind in kinds}, "pictures": {kind: totals[kind] for kind in kinds}}
-
-
-def unit(x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.normalize(x.float(), dim=-1)
 
 
 def main(argv: list[str] | None = None) -> int:
