@@ -11,8 +11,9 @@ SAMPLES = 120
 
 
 class CaptionLookupEncoder(torch.nn.Module):
-    """Embeds a caption as the normalised sum of its words' random integer vectors, each weighted by its place (ordered) or
-    not (a bag of words); embeds a picture as its own canonical caption, looked up by its pixels."""
+    """Embeds a caption as the normalised sum of its words' random integer vectors, each weighted by its
+    place (ordered) or not (a bag of words); embeds a picture as its own canonical caption, looked up by
+    its pixels."""
 
     def __init__(self, dataset: ShapesDataset, ordered: bool):
         super().__init__()
