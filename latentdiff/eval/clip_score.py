@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
+from ..eval_mode import in_eval_mode
 from ..models.text_encoder import TextEncoder
 
 
@@ -31,12 +32,10 @@ def clip_score(encoder: TextEncoder, images: torch.Tensor | Sequence[Image.Image
     images, prompts = images_to_tensor(images), list(prompts)
     if len(images) != len(prompts):
         raise ValueError(f"clip_score: {len(images)} images but {len(prompts)} prompts")
-    was_training = encoder.training
-    encoder.eval()
     scores = []
-    for start in range(0, len(prompts), batch_size):
-        image_emb = encoder.image_embedding(images[start:start + batch_size])   # (b, P), unit length
-        text_emb = encoder.text_embedding(prompts[start:start + batch_size])    # (b, P), unit length
-        scores.append(100 * (image_emb * text_emb).sum(-1).clamp(min=0))
-    encoder.train(was_training)
+    with in_eval_mode(encoder):
+        for start in range(0, len(prompts), batch_size):
+            image_emb = encoder.image_embedding(images[start:start + batch_size])   # (b, P), unit length
+            text_emb = encoder.text_embedding(prompts[start:start + batch_size])    # (b, P), unit length
+            scores.append(100 * (image_emb * text_emb).sum(-1).clamp(min=0))
     return torch.cat(scores).cpu() if scores else torch.zeros(0)

@@ -20,6 +20,7 @@ from ..data.shapes import ShapesDataset
 from ..data.shapes_fit import shapes_caption_fits
 from ..data.sources import iter_in_order
 from ..errors import DataError
+from ..eval_mode import in_eval_mode
 from ..models.text_encoder import TextEncoder
 
 
@@ -103,14 +104,12 @@ def heldout_retrieval(encoder: TextEncoder, dataset, batch_size: int = 64, batch
     samples = _shapes_samples(dataset, with_images=True) if unambiguous else iter_in_order(dataset)
     sample_batches = distinct_caption_batches(samples, batch_size, batches,
                                               shapes_captions_conflict if unambiguous else None)
-    was_training = encoder.training
-    encoder.eval()
     totals: dict[str, float] = {}
-    for batch in sample_batches:
-        images = torch.stack([s["image"] for s in batch])  # (N, 3, H, W)
-        captions = [s["caption"] for s in batch]
-        scores = retrieval_accuracy(encoder.image_embedding(images), encoder.text_embedding(captions), ks)
-        for name, value in scores.items():
-            totals[name] = totals.get(name, 0.0) + value / len(sample_batches)
-    encoder.train(was_training)
+    with in_eval_mode(encoder):
+        for batch in sample_batches:
+            images = torch.stack([s["image"] for s in batch])  # (N, 3, H, W)
+            captions = [s["caption"] for s in batch]
+            scores = retrieval_accuracy(encoder.image_embedding(images), encoder.text_embedding(captions), ks)
+            for name, value in scores.items():
+                totals[name] = totals.get(name, 0.0) + value / len(sample_batches)
     return totals

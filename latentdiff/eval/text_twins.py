@@ -20,6 +20,7 @@ import torch
 from ..data.hard_negatives import HARD_NEGATIVE_KINDS, hard_negatives
 from ..data.shapes import SPLITS, ShapesDataset
 from ..data.shapes_captions import caption_sample
+from ..eval_mode import in_eval_mode
 
 
 @torch.no_grad()
@@ -27,27 +28,30 @@ def twin_preference(encoder, dataset: ShapesDataset, samples: int = 400, batch_s
     """{kind: share of the first `samples` pictures closer to their own caption than to that kind's twin}
     over the kinds some picture has a twin of, and {"pictures": {kind: count}}."""
     wins, totals = Counter(), Counter()
-    was_training = encoder.training
-    encoder.eval()
     count = min(samples, len(dataset))
-    for start in range(0, count, batch_size):
-        indices = range(start, min(count, start + batch_size))
-        truths = [dataset.sample(i) for i in indices]
-        # the first twin of each kind (canonical wording, as the caption itself)
-        twins = [{n.kind: n.sample.caption for n in reversed(hard_negatives(truth, allow_heldout=True))}
-                 for truth in truths]
-        captions = [caption_sample(truth) for truth in truths]
-        flat = [(row, kind, caption) for row, found in enumerate(twins) for kind, caption in found.items()]
-        # unit vectors, as the encoder returns them: a dot product is the cosine
-        images = encoder.image_embedding(torch.stack([dataset[i]["image"] for i in indices]))  # (N, P)
-        texts = encoder.text_embedding(captions + [caption for _, _, caption in flat])        # (N + T, P)
-        own = (images * texts[:len(captions)]).sum(-1)                                             # (N,)
-        for (row, kind, _), text in zip(flat, texts[len(captions):]):
-            totals[kind] += 1
-            wins[kind] += bool((images[row] * text).sum() < own[row])
-    encoder.train(was_training)
+    with in_eval_mode(encoder):
+        for start in range(0, count, batch_size):
+            for kind, won in _batch_outcomes(encoder, dataset, range(start, min(count, start + batch_size))):
+                totals[kind] += 1
+                wins[kind] += won
     kinds = [kind for kind in HARD_NEGATIVE_KINDS if totals[kind]]
     return {**{kind: wins[kind] / totals[kind] for kind in kinds}, "pictures": {kind: totals[kind] for kind in kinds}}
+
+
+def _batch_outcomes(encoder, dataset: ShapesDataset, indices: range) -> list[tuple[str, bool]]:
+    """(kind, own caption strictly closer than the twin) for every twin of the pictures at `indices`."""
+    truths = [dataset.sample(i) for i in indices]
+    # the first twin of each kind (canonical wording, as the caption itself)
+    twins = [{n.kind: n.sample.caption for n in reversed(hard_negatives(truth, allow_heldout=True))}
+             for truth in truths]
+    captions = [caption_sample(truth) for truth in truths]
+    flat = [(row, kind, caption) for row, found in enumerate(twins) for kind, caption in found.items()]
+    # unit vectors, as the encoder returns them: a dot product is the cosine
+    images = encoder.image_embedding(torch.stack([dataset[i]["image"] for i in indices]))  # (N, P)
+    texts = encoder.text_embedding(captions + [caption for _, _, caption in flat])        # (N + T, P)
+    own = (images * texts[:len(captions)]).sum(-1)                                             # (N,)
+    return [(kind, bool((images[row] * text).sum() < own[row]))
+            for (row, kind, _), text in zip(flat, texts[len(captions):])]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from torchvision.utils import make_grid, save_image
 
 from ..data import DataConfig, build_dataset, in_order, iter_in_order
 from ..errors import TrainingDiverged
+from ..eval_mode import in_eval_mode
 from ..eval.image_metrics import psnr
 from ..models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ..models.discriminator import PatchDiscriminator
@@ -99,12 +100,9 @@ def save_reconstruction_grid(model: AutoencoderKL, images: torch.Tensor, path: P
 def preview_and_psnr(model: AutoencoderKL, preview: torch.Tensor, heldout_set, cfg: AutoencoderTrainingConfig,
                      path: Path, batch: int) -> float:
     """Save the reconstruction grid and return the held-out PSNR over `cfg.heldout_batches` batches, in eval mode."""
-    was_training = model.training
-    model.eval()
-    save_reconstruction_grid(model, preview, path)
-    score = heldout_psnr(model, heldout_set, batch, cfg.heldout_batches, preview.device)
-    model.train(was_training)
-    return score
+    with in_eval_mode(model):
+        save_reconstruction_grid(model, preview, path)
+        return heldout_psnr(model, heldout_set, batch, cfg.heldout_batches, preview.device)
 
 
 def train_autoencoder(cfg: AutoencoderTrainingConfig, out_dir: str | Path, resume: bool = False) -> dict:

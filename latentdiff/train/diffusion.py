@@ -32,6 +32,7 @@ from ..diffusion.grounding import grounding_loss
 from ..diffusion.losses import ObjectiveConfig, conditioning_dropout
 from ..diffusion.schedules import ScheduleConfig
 from ..errors import ConfigError
+from ..eval_mode import in_eval_mode
 from ..eval.clip_score import clip_score
 from ..grid import prompt_grid
 from ..latent_diffusion import GenerationRequest, LatentDiffusion, seeded_generators
@@ -162,10 +163,8 @@ def save_preview(model: LatentDiffusion, cfg: DiffusionTrainingConfig, path: Pat
     seeds = list(range(len(prompts)))
     request = GenerationRequest(prompts, None, seeds, seeded_generators(seeds), sampling.steps,
                                 sampling.guidance_scale, sampling.sampler, cfg.data.size, cfg.data.size)
-    was_training = model.unet.training
-    model.unet.eval()
-    images = model.decode_latents(model.text_to_latents(request))  # (B, 3, H, W) about [-1, 1]
-    model.unet.train(was_training)
+    with in_eval_mode(model.unet):
+        images = model.decode_latents(model.text_to_latents(request))  # (B, 3, H, W) about [-1, 1]
     prompt_grid([tensor_to_pil(image) for image in images], prompts, columns=n, scale=2).save(path)
     return images, prompts
 
