@@ -11,6 +11,7 @@ from latentdiff.cli import main
 from latentdiff.config import apply_overrides
 from latentdiff.data import build_dataset
 from latentdiff.eval import heldout_retrieval
+from latentdiff.eval.text_twins import twin_preference
 from latentdiff.models.text_encoder import TextEncoder
 from latentdiff.models.text_encoder_openclip import OpenCLIPTextEncoder
 from latentdiff.train import text_encoder as stage
@@ -58,6 +59,13 @@ def test_cli_trains_exports_and_reports_retrieval(tmp_path):
     measured = heldout_retrieval(encoder, build_dataset(cfg.data, "heldout"), cfg.eval_batch_size, cfg.eval_batches)
     for key, value in reported.items():
         assert value == pytest.approx(measured[key], abs=1e-4)
+    # and so are the text twins, on both splits (eval/text_twins.py, the retrieval's number of pictures)
+    pictures = cfg.eval_batch_size * cfg.eval_batches
+    for split in ("train", "heldout"):
+        shares = twin_preference(encoder, build_dataset(cfg.data, split), pictures)
+        assert set(shares["pictures"]) == {"colour_swap", "relation_swap", "count", "mirror", "colour"}
+        for kind in shares["pictures"]:
+            assert encoder.identity.metadata[f"twins_{split}_{kind}"] == pytest.approx(shares[kind], abs=1e-4)
     assert main(["train-text-encoder", "--out", str(out), "--steps", "6", "--resume"]) == 0
     assert TextEncoder.from_pretrained(out).identity.metadata["step"] == 6
 

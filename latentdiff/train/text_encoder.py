@@ -4,7 +4,10 @@
 
 The text tower becomes the UNet's text encoder; the image tower stays in the checkpoint as the
 CLIP-score judge. Retrieval (image->text and text->image, top-1 and top-5, over batches of
-distinct held-out captions) is logged every `train.sample_every` steps and measured at the end.
+distinct held-out captions) is logged every `train.sample_every` steps and measured at the end. On the
+shapes data the end also measures the text twins (eval/text_twins.py): on each split, how often a picture
+is closer to its own caption than to one a single attribute away (colours swapped, relation reversed, ...),
+which shows whether the text states read word order and binding, as retrieval does not.
 
 Levers for compositional prompts (issue 15), each off by default:
     hard_negatives=K     each image also meets K captions of scenes one attribute away from its own
@@ -24,9 +27,11 @@ from pathlib import Path
 import torch
 
 from ..data import DataConfig, ShapesDataset, build_dataset
+from ..data.shapes import SPLITS
 from ..data.hard_negatives import HardNegativeShapes
 from ..errors import ConfigError, DataError
 from ..eval.retrieval import heldout_retrieval, retrieval_ceiling
+from ..eval.text_twins import twin_preference
 from ..models.text_encoder import TextEncoderConfig
 from ..models.text_encoder_openclip import OpenCLIPTextEncoder
 from .contrastive import HardNegativeClipLoss, batch_hard_negatives
@@ -78,6 +83,23 @@ def describe(scores: dict) -> str:
     if UNAMBIGUOUS[0] in scores:
         text += " (unambiguous batches: " + ", ".join(f"{k} {scores[k + '_unambiguous']:.3f}" for k in RETRIEVAL) + ")"
     return text
+
+
+def twin_scores(model, data: DataConfig, pictures: int) -> dict[str, float]:
+    """{"twins_<split>_<kind>": share of the first `pictures` of the split closer to their own caption than
+    to that kind's twin} for both splits of the shapes data (eval/text_twins.py; 0.5 is chance)."""
+    scores = {}
+    for split in SPLITS:
+        shares = twin_preference(model, build_dataset(data, split), pictures)
+        scores.update({f"twins_{split}_{kind}": round(shares[kind], 4) for kind in shares["pictures"]})
+    return scores
+
+
+def describe_twins(scores: dict) -> str:
+    kinds = [name.removeprefix("twins_train_") for name in scores if name.startswith("twins_train_")]
+    shares = [f"{kind} " + " / ".join(f"{scores[f'twins_{split}_{kind}']:.2f}" for split in SPLITS) for kind in kinds]
+    return (f"text twins ({' / '.join(SPLITS)}: share of pictures closer to their own caption than to one a single "
+            f"attribute away; 0.5 is chance): " + ", ".join(shares))
 
 
 def train_text_encoder(cfg: TextEncoderTrainingConfig, out_dir: str | Path, resume: bool = False) -> dict:
@@ -135,6 +157,9 @@ def train_text_encoder(cfg: TextEncoderTrainingConfig, out_dir: str | Path, resu
         if step + 1 == cfg.train.steps and run.is_main:  # due() is true at the last step: logs hold retrieval
             results.update({k: round(logs[k], 4) for k in RETRIEVAL + UNAMBIGUOUS if k in logs},
                            train_minutes=round((time.time() - start) / 60, 2))
+            if isinstance(heldout_set, ShapesDataset):
+                results.update(twin_scores(run.exported_module("model"), cfg.data,
+                                           cfg.eval_batch_size * cfg.eval_batches))
         run.log(step, logs)
         run.maybe_checkpoint(step, export)
     if results:
@@ -147,6 +172,8 @@ def train_text_encoder(cfg: TextEncoderTrainingConfig, out_dir: str | Path, resu
                 scores += (f"a perfect model would reach t2i_top1 {ceiling['t2i_top1']:.3f}, "
                            f"i2t_top1 {ceiling['i2t_top1']:.3f} on these batches; ")
         run.print(f"{scores}{results['train_minutes']} min; saved to {run.out_dir}")
+        if any(name.startswith("twins_") for name in results):
+            run.print(describe_twins(results))
     else:
         run.print(f"nothing to do: {run.out_dir} already finished {cfg.train.steps} steps")
     return results
