@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from latentdiff.config import ConfigError, apply_overrides
 from latentdiff.data.hard_negatives import (CHANGED_ATTRIBUTE, HARD_NEGATIVE_KINDS, HardNegativeShapes,
-                                            changed_attributes, hard_negatives)
+                                            changed_attributes, choose_hard_negatives, hard_negatives)
 from latentdiff.data.shapes import (HELDOUT_COLOUR_SHAPES, HELDOUT_RELATIONS, ObjectSpec, ShapesDataset,
                                     canonical_relation, make_sample)
 from latentdiff.data.shapes_captions import caption_sample
@@ -93,6 +93,16 @@ def test_dataset_items_and_batches():
     assert valid.shape == (2, 60) and not valid.all() and valid[:, 0].all()
     assert all((c != "") == v for c, v in zip(captions, valid.flatten().tolist()))
     assert batch_hard_negatives({"caption": ["a", "b"]})[1].shape == (2, 0)
+
+
+def test_few_negatives_go_to_the_structural_kinds():
+    pair = make_sample("pair", [ObjectSpec("red", "circle"), ObjectSpec("blue", "square")], relation="above")
+    negatives = hard_negatives(pair, random.Random(0), allow_heldout=True)  # every kind a pair has
+    for seed in range(20):
+        two = choose_hard_negatives(negatives, 2, random.Random(seed))
+        assert sorted(n.kind for n in two) == ["colour_swap", "relation_swap"]
+        four = choose_hard_negatives(negatives, 4, random.Random(seed))  # every kind, then more colour changes
+        assert sorted(n.kind for n in four) == ["colour", "colour", "colour_swap", "relation_swap"]
 
 
 # -- the loss -------------------------------------------------------------------------------------
