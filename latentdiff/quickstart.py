@@ -1,9 +1,12 @@
 """`latentdiff quickstart`: train all three stages on the built-in shapes data with the CPU presets,
-then draw a grid of images for a fixed set of prompts. `--quality` trains the UNet 6x as long
-(configs/diffusion/quality.yaml): two objects, counting and colour binding keep improving up to there.
+then draw a grid of images for a fixed set of prompts. `--quality` trains a text encoder that reads word
+order and colour binding better (configs/text_encoder/quality.yaml: hard negatives, twice the steps) and a
+UNet on it 5.5x as long (configs/diffusion/quality.yaml), into folders of their own beside the quickstart's
+(text_encoder_quality, diffusion_quality, quality_grid.png); the autoencoder is the same, so a finished
+quickstart's is reused.
 
 On a CPU with 2 or more threads the autoencoder and the text encoder train at once, each in a process of
-its own on half the threads, and the autoencoder takes every thread once the text encoder is done
+its own on half the threads, and whichever is still training takes every thread once the other is done
 (train/shared_cores.py). The autoencoder's rounding then depends on when that happens (thread counts change
 the order of some sums), so two runs agree to float noise; `--sequential` trains the stages one after
 another, the same bits on every run of a machine.
@@ -38,20 +41,27 @@ PROMPTS = (
     "a blue triangle to the left of a yellow diamond",
 )
 SEEDS_PER_PROMPT = 4
-# The quality preset's UNet steps (6x the quickstart's 1,700; the learning rate is constant, so a finished
-# quickstart's UNet continues to it). Judge mean over the categories and splits, 50 prompts, on a 32-wide
-# autoencoder: 0.57 at 1,700 steps, 0.70 at 3,400, 0.77 at 5,100, 0.79 at 6,800; on the 24-wide preset, 200
-# prompts: 0.863 at 6,800, 0.882 at 8,500, 0.891 at 10,200 (one run; a second 0.855 at 10,200; README,
-# Results). 10,200 keeps the whole `quickstart --quality` within an hour on 2 cores (55.7 min).
-QUALITY_UNET_STEPS = 10200
+# The quality preset's UNet steps (5.5x the quickstart's 1,700). Judge mean over the categories and splits, on
+# the preset's text encoder, 200 prompts: 0.863 at 6,800, 0.882 at 8,500, 0.891 at 10,200 (one run; a second
+# 0.855 at 10,200; README, Results). The quality text encoder's hard negatives raise colour binding more than the
+# last steps do (at 1,700 UNet steps, two runs: +0.13 to +0.20 per split) and take ~6 more minutes on 2 cores;
+# 9,350 steps keep the whole `quickstart --quality` within an hour.
+QUALITY_UNET_STEPS = 9350
+# The quality preset's text encoder (configs/text_encoder/quality.yaml): 2 hard-negative captions per image
+# (swapped colours, a reversed relation, ...) and twice the preset's steps. Text twins (eval/text_twins.py), colours
+# swapped / relation reversed, train split: 0.87 / 0.71, against 0.59 / 0.58 for the preset's.
+QUALITY_TEXT_ENCODER = {"hard_negatives": 2, "train.steps": 1500}
+QUALITY_SUFFIX = "_quality"  # of the folders (and grid) that --quality writes, where they differ from the quickstart's
 
 
 def add_quickstart_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="weights", help="folder for the three stages and the grid (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="torch device for the final sampling (default: %(default)s)")
     parser.add_argument("--quality", action="store_true",
-                        help=f"train the UNet {QUALITY_UNET_STEPS} steps, 6x the preset's (configs/diffusion/quality.yaml; "
-                             f"about 41 more minutes on 2 cores); continues a finished quickstart's UNet")
+                        help=f"a text encoder trained with hard negatives (configs/text_encoder/quality.yaml) and a UNet "
+                             f"on it trained {QUALITY_UNET_STEPS} steps (configs/diffusion/quality.yaml), into "
+                             f"text_encoder{QUALITY_SUFFIX} and diffusion{QUALITY_SUFFIX}: under an hour on 2 cores; "
+                             f"a finished quickstart's autoencoder is reused")
     parser.add_argument("--sequential", action="store_true",
                         help="train the stages one after another (by default, on a CPU with 2 or more threads, the "
                              "autoencoder and the text encoder train at once, in two processes)")
@@ -91,8 +101,8 @@ def side_by_side(plan: list[tuple[str, object, object]], root: Path) -> bool:
 
 
 def run_side_by_side(first: tuple[str, object, object], second: tuple[str, object, object], root: Path) -> float:
-    """Train `first` and `second` at once, each in a process of its own on half the threads; `first` takes
-    every thread once `second` is done. Returns the minutes until both are."""
+    """Train `first` and `second` at once, each in a process of its own on half the threads; the one still
+    training takes every thread once the other is done. Returns the minutes until both are."""
     import multiprocessing
     from multiprocessing.connection import wait
 
@@ -107,21 +117,22 @@ def run_side_by_side(first: tuple[str, object, object], second: tuple[str, objec
     other_done, done = completed_steps(root / other), completed_steps(root / name)
     print(f"{starting(other, other_cfg, root / other, other_done)}, in a process of its own on {threads // 2} of "
           f"{threads} threads (its output: {log})")
-    print(f"{starting(name, cfg, root / name, done)}, beside it on {threads - threads // 2} of {threads} threads, "
-          f"then on all")
+    print(f"{starting(name, cfg, root / name, done)}, beside it on {threads - threads // 2} of {threads} threads")
     start = time.time()
-    second_done = multiprocessing.get_context("spawn").Event()
-    beside = start_training(other_train, other_cfg, root / other, other_done > 0, threads // 2, log)
+    context = multiprocessing.get_context("spawn")
+    beside_may_widen, here_may_widen = context.Event(), context.Event()
+    beside = start_training(other_train, other_cfg, root / other, other_done > 0, threads // 2, log,
+                            more_threads=(beside_may_widen, threads))
     here = start_training(train, cfg, root / name, done > 0, threads - threads // 2,
-                          more_threads=(second_done, threads))
-    running = {beside.sentinel: (beside, other, log), here.sentinel: (here, name, None)}
+                          more_threads=(here_may_widen, threads))
+    running = {beside.sentinel: (beside, other, log, here_may_widen),
+               here.sentinel: (here, name, None, beside_may_widen)}
     try:
         while running:  # whichever ends first is checked first: a failure stops the other at once
             for ended in wait(list(running)):
-                process, what, output = running.pop(ended)
+                process, what, output, other_may_widen = running.pop(ended)
                 finish(process, what, output)
-                if process is beside:
-                    second_done.set()
+                other_may_widen.set()  # the one still training takes every thread
     except BaseException:
         stop(beside)
         stop(here)
@@ -140,39 +151,44 @@ def draw_grid(pipeline_dir: Path, path: Path, device: str) -> None:
 
 def quickstart_plan(root: Path, quality: bool = False) -> list[tuple[str, object, object]]:
     """(stage folder name, trainer, config) for the three stages, in training order: the CPU presets (quality:
-    the UNet trained QUALITY_UNET_STEPS steps)."""
+    the text encoder with QUALITY_TEXT_ENCODER, the UNet trained QUALITY_UNET_STEPS steps, both in folders
+    named with QUALITY_SUFFIX)."""
     from .train.autoencoder import AutoencoderTrainingConfig, train_autoencoder
     from .train.diffusion import DiffusionTrainingConfig, train_diffusion
     from .train.text_encoder import TextEncoderTrainingConfig, train_text_encoder
 
+    folders = {name: name + (QUALITY_SUFFIX if quality else "") for name in ("text_encoder", "diffusion")}
+    text_cfg = apply_overrides(TextEncoderTrainingConfig(), QUALITY_TEXT_ENCODER if quality else {})
     diffusion_cfg = apply_overrides(DiffusionTrainingConfig(), {
-        "autoencoder": str(root / "autoencoder"), "text_encoder": str(root / "text_encoder"),
+        "autoencoder": str(root / "autoencoder"), "text_encoder": str(root / folders["text_encoder"]),
         **({"train.steps": QUALITY_UNET_STEPS} if quality else {})})
     return [("autoencoder", train_autoencoder, AutoencoderTrainingConfig()),
-            ("text_encoder", train_text_encoder, TextEncoderTrainingConfig()),
-            ("diffusion", train_diffusion, diffusion_cfg)]
+            (folders["text_encoder"], train_text_encoder, text_cfg),
+            (folders["diffusion"], train_diffusion, diffusion_cfg)]
 
 
 def run_quickstart(args: argparse.Namespace) -> dict[str, float | None]:
     root = Path(args.out)
     start = time.time()
     plan = quickstart_plan(root, args.quality)
+    stages = [name for name, _, _ in plan]
     minutes = {}
     if not args.sequential and side_by_side(plan, root):
-        minutes["autoencoder + text_encoder side by side"] = run_side_by_side(plan[0], plan[1], root)
+        minutes[f"{stages[0]} + {stages[1]} side by side"] = run_side_by_side(plan[0], plan[1], root)
         plan = plan[2:]
     minutes.update({name: run_stage(name, train, cfg, root / name) for name, train, cfg in plan})
-    grid = root / "quickstart_grid.png"
-    draw_grid(root / "diffusion", grid, args.device)
+    suffix = QUALITY_SUFFIX if args.quality else ""
+    pipeline, grid = root / stages[-1], root / ("quality_grid.png" if args.quality else "quickstart_grid.png")
+    draw_grid(pipeline, grid, args.device)
     minutes["total"] = (time.time() - start) / 60
     print("[quickstart] done in {:.1f} min ({})".format(minutes["total"], ", ".join(
         f"{name} {m:.1f} min" if m is not None else f"{name} skipped"
         for name, m in minutes.items() if name != "total")))
-    print(f"[quickstart] stages: {root / 'autoencoder'}, {root / 'text_encoder'}, {root / 'diffusion'}")
+    print(f"[quickstart] stages: {', '.join(str(root / name) for name in stages)}")
     print(f"[quickstart] grid of {len(PROMPTS)} prompts x {SEEDS_PER_PROMPT} seeds: {grid}")
-    print(f'[quickstart] try: latentdiff generate "a red circle in the top left" --pipeline {root / "diffusion"} --n 4')
-    print(f"[quickstart] a 4-step student (about 2 minutes): latentdiff distill --teacher {root / 'diffusion'} "
-          f"--out {root / 'distilled'}")
+    print(f'[quickstart] try: latentdiff generate "a red circle in the top left" --pipeline {pipeline} --n 4')
+    print(f"[quickstart] a 4-step student (about 2 minutes): latentdiff distill --teacher {pipeline} "
+          f"--out {root / ('distilled' + suffix)}")
     print(f"[quickstart] or one that samples as this model does, unguided (about 2 minutes): latentdiff distill "
-          f"--teacher {root / 'diffusion'} --out {root / 'guided'} method=guidance")
+          f"--teacher {pipeline} --out {root / ('guided' + suffix)} method=guidance")
     return minutes

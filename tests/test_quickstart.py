@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from test_shared_cores import two_threads  # noqa: F401 (a fixture)
+from test_shared_cores import sleeping_trainer, thread_counting_trainer, two_threads  # noqa: F401 (a fixture)
 from test_train_autoencoder import TINY as TINY_AE
 from test_train_text_encoder import TINY as TINY_TE
 from tiny_stages import TINY_TRAINING
@@ -23,13 +23,18 @@ from latentdiff.train.text_encoder import TextEncoderTrainingConfig
 ROOT = Path(__file__).resolve().parent.parent
 
 
+SHIPPED_PLAN = quickstart.quickstart_plan
+
+
 def tiny_plan(root: Path, quality: bool = False):
-    diffusion = apply_overrides(DiffusionTrainingConfig(), TINY_TRAINING + [
-        f"autoencoder={root / 'autoencoder'}", f"text_encoder={root / 'text_encoder'}",
+    """The shipped plan (its folders, stage paths and levers) on tiny models and steps."""
+    (autoencoder, _, _), (text_encoder, _, text_cfg), (diffusion, _, diffusion_cfg) = SHIPPED_PLAN(root, quality)
+    diffusion_cfg = apply_overrides(DiffusionTrainingConfig(), TINY_TRAINING + [
+        f"autoencoder={diffusion_cfg.autoencoder}", f"text_encoder={diffusion_cfg.text_encoder}",
         f"train.steps={8 if quality else 4}"])
-    return [("autoencoder", quickstart.train_autoencoder, apply_overrides(AutoencoderTrainingConfig(), TINY_AE)),
-            ("text_encoder", quickstart.train_text_encoder, apply_overrides(TextEncoderTrainingConfig(), TINY_TE)),
-            ("diffusion", quickstart.train_diffusion, diffusion)]
+    return [(autoencoder, quickstart.train_autoencoder, apply_overrides(AutoencoderTrainingConfig(), TINY_AE)),
+            (text_encoder, quickstart.train_text_encoder, apply_overrides(text_cfg, TINY_TE)),
+            (diffusion, quickstart.train_diffusion, diffusion_cfg)]
 
 
 def test_quickstart_trains_everything_then_skips_what_is_done(tmp_path, monkeypatch, capsys, two_threads):
@@ -40,7 +45,7 @@ def test_quickstart_trains_everything_then_skips_what_is_done(tmp_path, monkeypa
     # the autoencoder beside it in another
     log = tmp_path / "text_encoder" / "train.log"
     assert f"in a process of its own on 1 of 2 threads (its output: {log})" in out
-    assert "beside it on 1 of 2 threads, then on all" in out
+    assert "beside it on 1 of 2 threads" in out
     assert "text_encoder: 100%" in log.read_text() and "autoencoder + text_encoder side by side" in out
     assert torch.get_num_threads() == 2
     grid = Image.open(tmp_path / "quickstart_grid.png")
@@ -54,11 +59,15 @@ def test_quickstart_trains_everything_then_skips_what_is_done(tmp_path, monkeypa
     out = capsys.readouterr().out
     assert out.count("already trained") == 3
 
-    # --quality: the finished UNet continues to the longer preset; the other stages are done
+    # --quality: its own text encoder and UNet beside the quickstart's, on the quickstart's autoencoder
     assert main(["quickstart", "--out", str(tmp_path), "--quality"]) == 0
     out = capsys.readouterr().out
-    assert out.count("already trained") == 2 and "diffusion: resuming at step 4 (8 steps)" in out
-    assert completed_steps(tmp_path / "diffusion") == 8
+    assert out.count("already trained") == 1 and "text_encoder_quality: training (6 steps)" in out
+    assert [completed_steps(tmp_path / n) for n in ("text_encoder", "text_encoder_quality", "diffusion_quality")
+            ] == [6, 6, 8]
+    assert (tmp_path / "quality_grid.png").is_file() and f"--pipeline {tmp_path / 'diffusion_quality'}" in out
+    unet_config = load_config(DiffusionTrainingConfig, tmp_path / "diffusion_quality" / "train_config.yaml")
+    assert unet_config.text_encoder == str(tmp_path / "text_encoder_quality")
 
 
 def test_sequential_trains_the_stages_one_after_another(tmp_path, monkeypatch, capsys, two_threads):
@@ -70,11 +79,13 @@ def test_sequential_trains_the_stages_one_after_another(tmp_path, monkeypatch, c
 
 
 @pytest.mark.parametrize("quality, preset", [(False, "shapes.yaml"), (True, "quality.yaml")])
-def test_the_quickstart_trains_the_shipped_diffusion_presets(quality, preset, tmp_path):
-    diffusion = dict((name, cfg) for name, _, cfg in quickstart.quickstart_plan(tmp_path, quality))["diffusion"]
+def test_the_quickstart_trains_the_shipped_presets(quality, preset, tmp_path):
+    _, text_encoder, diffusion = (cfg for _, _, cfg in quickstart.quickstart_plan(tmp_path, quality))
     shipped = load_config(DiffusionTrainingConfig, ROOT / "configs" / "diffusion" / preset)
+    text_folder = "text_encoder_quality" if quality else "text_encoder"
     assert diffusion == apply_overrides(shipped, {"autoencoder": str(tmp_path / "autoencoder"),
-                                                  "text_encoder": str(tmp_path / "text_encoder")})
+                                                  "text_encoder": str(tmp_path / text_folder)})
+    assert text_encoder == load_config(TextEncoderTrainingConfig, ROOT / "configs" / "text_encoder" / preset)
 
 
 @pytest.mark.slow
@@ -103,6 +114,21 @@ def judge_mean(results: dict) -> float:
     """The mean of the shapes judge's cells, every category on both splits."""
     cells = [score for split in ("train", "heldout") for score in results[split].values()]
     return sum(cells) / len(cells)
+
+
+class Seconds(float):
+    """A stage config for the test trainers of test_shared_cores (which read it as seconds), with the step
+    count that the quickstart prints."""
+    train = type("Train", (), {"steps": 1})
+
+
+def test_the_stage_still_training_side_by_side_takes_every_thread(tmp_path, two_threads):
+    """Either stage may end first: here the text encoder outlasts the autoencoder and widens to 2 threads."""
+    for name in ("autoencoder", "text_encoder"):
+        (tmp_path / name).mkdir()
+    quickstart.run_side_by_side(("autoencoder", sleeping_trainer, Seconds(0.5)),
+                                ("text_encoder", thread_counting_trainer, Seconds(60.0)), tmp_path)
+    assert (tmp_path / "text_encoder" / "threads.txt").read_text() == "1 2"
 
 
 def failing_autoencoder_trainer(cfg, folder, resume=False):

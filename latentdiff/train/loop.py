@@ -251,7 +251,7 @@ class TrainingRun:
         bar = tqdm(total=self.train.steps, initial=start, disable=not self.is_main, dynamic_ncols=True,
                    desc=self.out_dir.name)
         for step in range(start, self.train.steps):
-            reclaim_threads()  # the quickstart's autoencoder: every thread once the text encoder beside it ends
+            reclaim_threads()  # a quickstart stage trained side by side: every thread once the other one ends
             micro = [self._to_device(next(batches)) for _ in range(self.train.grad_accum)]
             for module in self.modules.values():
                 module.train()

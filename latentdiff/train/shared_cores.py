@@ -3,8 +3,8 @@
 On 2 cores the small stages use the second thread poorly (the autoencoder steps 1.7x faster on 2 threads
 than on 1, the text encoder 1.6x), so two 1-thread runs side by side do more work per second than the same
 runs one after the other on 2 threads. The quickstart trains the text encoder and the autoencoder in two
-spawned processes, on half the threads each; once the text encoder is done the autoencoder's training loop
-takes every thread (`reclaim_threads`, called between steps).
+spawned processes, on half the threads each; once either is done the other's training loop takes every
+thread (`reclaim_threads`, called between steps).
 
 Both run outside the calling process because a process whose torch went down to 1 thread and back runs
 about 6% slower afterwards (measured on the UNet's train step, AVX2): the stage trained next, in the
