@@ -128,3 +128,11 @@ def test_shapes_preset_reaches_the_retrieval_target(tmp_path):
     assert results["t2i_top1_ceiling"] < 0.9  # the distinct-caption target cannot be reached on these batches
     assert results["t2i_top1_unambiguous"] >= 0.9
     assert results["t2i_top1"] >= 0.78 and results["t2i_top5"] >= 0.98
+
+
+def test_twins_line_shows_a_kind_one_split_has_no_picture_of():
+    """A kind only one split has a twin of (two pictures, no mirror among the held-out ones) is shown, not a
+    KeyError (it stopped the gpu256 preset's run after its training)."""
+    line = stage.describe_twins({"twins_train_colour_swap": 0.5, "twins_train_mirror": 1.0,
+                                 "twins_heldout_colour_swap": 0.25})
+    assert "colour_swap 0.50 / 0.25" in line and "mirror 1.00 / -" in line

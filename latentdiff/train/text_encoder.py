@@ -96,8 +96,10 @@ def twin_scores(model, data: DataConfig, pictures: int) -> dict[str, float]:
 
 
 def describe_twins(scores: dict) -> str:
-    kinds = [name.removeprefix("twins_train_") for name in scores if name.startswith("twins_train_")]
-    shares = [f"{kind} " + " / ".join(f"{scores[f'twins_{split}_{kind}']:.2f}" for split in SPLITS) for kind in kinds]
+    """One line for twin_scores; a kind no picture of a split has a twin of (a few pictures only) shows "-"."""
+    kinds = dict.fromkeys(name.split("_", 2)[2] for name in scores if name.startswith("twins_"))
+    shares = [f"{kind} " + " / ".join(f"{scores[key]:.2f}" if (key := f"twins_{split}_{kind}") in scores else "-"
+                                      for split in SPLITS) for kind in kinds]
     return (f"text twins ({' / '.join(SPLITS)}: share of pictures closer to their own caption than to one a single "
             f"attribute away; 0.5 is chance): " + ", ".join(shares))
 
